@@ -1,0 +1,66 @@
+"""The one interface the algorithm and the runtime use to talk to a model family.
+
+Everything here speaks the diffusers flow-matching convention:
+- sigma in [0, 1] is the noise level, 1 = pure noise;
+- x_sigma = (1 - sigma) * x0 + sigma * eps;
+- velocity v = eps - x0, so x0_hat = x - sigma * v and an Euler step is
+  x_next = x + (sigma_next - sigma) * v.
+Model-specific conventions (Z-Image's t = 1 - sigma and negated output, FLUX.2's
+token packing and position ids, latent scale/shift) live inside each family's file
+and never leak out of it.
+
+Latents are always spatial tensors (B, C, h, w) that every item of a batch shares;
+contexts are family-specific objects the algorithm only passes through. Contexts
+must be picklable (they travel through Ray's object store) and support `.to()`.
+"""
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class Family(Protocol):
+    """A loaded model family: frozen encoders + the denoiser that we fine-tune."""
+
+    name: str
+    transformer: nn.Module  # the denoiser; LoRA adapters or full training act on it
+    pixel_multiple: int  # image sides must be a multiple of this
+
+    # -- contexts (always computed without grad) --------------------------------
+    def student_context(self, captions: list[str]) -> Any:
+        """Text-only context, exactly the stock pipeline's prompt encoding."""
+
+    def teacher_context(self, captions: list[str], images: torch.Tensor) -> Any:
+        """Multimodal context of (caption, target image); images in [-1, 1], (B, 3, H, W)."""
+
+    # -- the denoiser ------------------------------------------------------------
+    def velocity(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
+        """v = eps - x0 predicted by `model` (student or teacher weights) at noise level sigma.
+
+        x: (B, C, h, w) latents; sigma: scalar tensor or (B,); returns float32 (B, C, h, w).
+        """
+
+    # -- latents -----------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W) -> normalised latents x0 (B, C, h, w)."""
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1], (B, 3, H, W)."""
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:
+        """Shape of the noise / latents for images of height x width pixels."""
+
+    # -- schedules ---------------------------------------------------------------
+    def inference_sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """The stock pipeline's few-step sigmas, float32, length num_steps + 1, ending at 0."""
+
+    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Apply the family's timestep shift (static or resolution-dependent) to uniform sigmas."""
+
+    # -- previews and export -----------------------------------------------------
+    def pipeline(self, transformer: nn.Module | None = None):
+        """The stock diffusers pipeline built from this family's components."""
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ValueError naming the problem if images are not usable by this family."""
