@@ -1,0 +1,238 @@
+"""The one typed configuration schema, with every default in one place.
+
+Load a YAML file and apply `section.key=value` overrides from the command line:
+
+    cfg = load_config("configs/zimage_turbo_lora.yaml", ["optim.lr=5e-5", "train.steps=100"])
+
+Unknown keys, wrong types and values outside their allowed range fail at load time,
+with a message naming the field and what is allowed.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+FAMILIES = ("zimage", "flux2_klein")
+# The teacher contexts each family can build (method.md, "Teacher contexts").
+TEACHER_CONTEXTS = {"zimage": ("vlm",), "flux2_klein": ("reference", "vlm")}
+DEFAULT_TEACHER_CONTEXT = {"zimage": "vlm", "flux2_klein": "reference"}
+# Deployed few-step setting of each family (Z-Image-Turbo 8 NFE, klein 4 steps).
+DEFAULT_INFERENCE_STEPS = {"zimage": 8, "flux2_klein": 4}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    family: Literal["zimage", "flux2_klein"] = "zimage"
+    # Hub id or local directory of a diffusers pipeline. With tiny=True a random
+    # tiny pipeline is built under the run's output dir and loaded from there.
+    path: str | None = None
+    tiny: bool = False
+    variant: Literal["4b", "9b"] | None = None  # flux2_klein only
+    teacher_context: Literal["vlm", "reference"] | None = None  # None: the family's default
+    teacher_vlm_path: str | None = None  # Qwen3-VL checkpoint for the VLM teacher context
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_sequence_length: int = Field(512, ge=8)
+    teacher_max_sequence_length: int = Field(1024, ge=8)
+    vlm_min_pixels: int = Field(512 * 512, ge=16)
+    vlm_max_pixels: int = Field(768 * 768, ge=16)
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.path is None and not self.tiny:
+            raise ValueError("set model.path (a hub id or a local pipeline directory) or model.tiny=true")
+        if self.path is not None and self.tiny:
+            raise ValueError("set either model.path or model.tiny=true, not both")
+        if self.teacher_context is None:
+            self.teacher_context = DEFAULT_TEACHER_CONTEXT[self.family]
+        allowed = TEACHER_CONTEXTS[self.family]
+        if self.teacher_context not in allowed:
+            raise ValueError(
+                f"model.teacher_context={self.teacher_context!r} is not supported by family "
+                f"{self.family!r}; allowed: {', '.join(allowed)}"
+            )
+        if self.variant is not None and self.family != "flux2_klein":
+            raise ValueError("model.variant applies to flux2_klein only (4b or 9b)")
+        if self.vlm_min_pixels > self.vlm_max_pixels:
+            raise ValueError("model.vlm_min_pixels must not exceed model.vlm_max_pixels")
+        return self
+
+
+class LoraConfig(Section):
+    enabled: bool = True  # false: full fine-tuning with a full-parameter EMA teacher
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(128.0, gt=0)
+    init: Literal["gaussian", "default"] = "gaussian"
+    targets: list[str] | None = None  # None: the family's released-recipe preset
+
+
+class AlgorithmConfig(Section):
+    name: Literal["dopsd", "sft"] = "dopsd"
+    # x0: ||x0_S - x0_T||^2 = sigma^2 ||v_S - v_T||^2 (released recipe); velocity: paper.
+    loss_space: Literal["x0", "velocity"] = "x0"
+    # recipe_4step: Z-Image recipe [1, .9, .75, .5, 0]; inference: the family's few-step
+    # inference schedule (FLUX.2-klein's native 4-step one); or an explicit list.
+    training_sigmas: Literal["recipe_4step", "inference"] | list[float] = "recipe_4step"
+    inference_steps: int | None = Field(None, ge=1)  # None: family default (8 / 4)
+    # None trains on all K visited states (the recipe); m < K trains on a random subset.
+    states_per_rollout: int | None = Field(None, ge=1)
+    ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
+    sft_logit_mean: float = 0.0
+    sft_logit_std: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.training_sigmas, list):
+            s = self.training_sigmas
+            if len(s) < 2 or s[0] > 1.0 or s[-1] != 0.0 or any(a <= b for a, b in zip(s, s[1:])):
+                raise ValueError(
+                    "algorithm.training_sigmas must decrease strictly from <= 1.0 to 0.0, "
+                    f"e.g. [1.0, 0.9, 0.75, 0.5, 0.0]; got {s}"
+                )
+        return self
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    max_consecutive_skips: int = Field(10, ge=1)  # non-finite steps in a row before stopping
+
+
+class DataConfig(Section):
+    # Parquet shards (a directory, files, or s3:// URIs) or webdataset tars written by
+    # jobs/prepare_data.py. None: the bundled sample dataset.
+    path: str | list[str] | None = None
+    pixel_budget: int = Field(1024 * 1024, ge=16 * 16)  # aspect-ratio buckets near this area
+    max_aspect_ratio: float = Field(2.0, ge=1.0)
+    caption: Literal["random", "first"] = "random"
+
+
+class TrainConfig(Section):
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(1, ge=1)  # per learner rank
+    seed: int = 0
+    output_dir: str = "outputs"
+    run_name: str = "dopsd"
+    checkpoint_every: int = Field(100, ge=1)
+    sample_every: int = Field(250, ge=1)
+    validation_prompts: list[str] = Field(default_factory=list)
+    sample_size: int = Field(1024, ge=16)  # preview side in pixels
+    log_every: int = Field(1, ge=1)
+
+
+class RuntimeConfig(Section):
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    max_staleness: int = Field(0, ge=0)  # disaggregated: 0 = strictly on-policy
+    teacher_targets: Literal["learner", "rollout"] = "learner"
+    num_learners: int = Field(1, ge=1)
+    learner_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    num_rollout_workers: int = Field(1, ge=0)
+    rollout_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    sync_every: int = Field(1, ge=1)
+    sync_transport: Literal["object_store", "collective"] = "object_store"
+    sync_timeout_s: float = Field(300.0, gt=0)
+    sync_bucket_numel: int = Field(50_000_000, ge=1)
+    buffer_size: int = Field(4, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    max_failures: int = Field(2, ge=0)
+    torch_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "disaggregated" and self.num_rollout_workers < 1:
+            raise ValueError("runtime.mode=disaggregated needs runtime.num_rollout_workers >= 1")
+        if self.teacher_targets == "rollout" and self.mode != "disaggregated":
+            raise ValueError("runtime.teacher_targets=rollout needs runtime.mode=disaggregated")
+        return self
+
+
+class TrackingConfig(Section):
+    # None: a SQLite store under the run's output dir; MLFLOW_TRACKING_URI overrides it.
+    tracking_uri: str | None = None
+    experiment: str = "dopsd-ray"
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(tiny=True))
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.algorithm.inference_steps is None:
+            self.algorithm.inference_steps = DEFAULT_INFERENCE_STEPS[self.model.family]
+        if self.algorithm.name == "sft" and self.runtime.teacher_targets == "rollout":
+            raise ValueError("runtime.teacher_targets=rollout has no meaning for algorithm.name=sft")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.output_dir) / self.train.run_name
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending field named."""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see dopsd_ray/config.py for the schema)"
+        lines.append(f"  {where}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e["input"], dict) else ""))
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. optim.lr=1e-4")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {k!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (recipes live in configs/)")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    for o in overrides:
+        _apply_override(tree, o)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """section.key -> value, for MLflow params."""
+    out = {}
+    for section, values in cfg.model_dump().items():
+        for k, v in values.items():
+            out[f"{section}.{k}"] = v
+    return out
