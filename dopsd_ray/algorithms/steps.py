@@ -1,0 +1,161 @@
+"""From a batch of (images, captions) to a loss, for every mode.
+
+This is where the algorithm meets a model family and its weights: contexts are built,
+noise is drawn, velocity functions are bound to (weights, context), and the pure
+functions in dopsd.py / sft.py do the math. Still no Ray, MLflow or DeepSpeed here:
+the learner calls these functions and owns backward / clip / optimizer step / EMA.
+
+    colocated (the recipe):    loss = colocated_loss(...)
+    disaggregated, rollout:    exp = make_experience(...)       (no grad, frozen snapshot)
+    disaggregated, learner:    loss = experience_loss(exp, ...)
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .dopsd import choose_states, dopsd_loss_on_states, dopsd_step, rollout_states, teacher_targets
+from .schedules import sample_sft_sigmas
+from .sft import sft_loss
+
+
+def velocity_fn(family, model, context):
+    """Bind (family, weights, context) into v(x, sigma) for the pure algorithm."""
+    return lambda x, sigma: family.velocity(model, x, sigma, context)
+
+
+def batch_generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """Noise and state-subset randomness for batch `index` of data stream `stream`.
+
+    Colocated learner rank r and rollout worker r draw the same numbers for the same
+    batch, so both modes can be compared step for step.
+    """
+    return torch.Generator().manual_seed(seed * 1_000_003 + stream * 10_007 + index)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1], one bucket
+    captions: list[str]
+    ids: list[str]
+    index: int = 0  # position in its data stream (seeds the noise)
+    stream: int = 0
+    seed: int = 0
+
+    @property
+    def generator(self) -> torch.Generator:
+        return batch_generator(self.seed, self.stream, self.index)
+
+
+@dataclass
+class Experience:
+    """What a rollout worker hands the learner: one roll-out of one batch."""
+
+    ids: list[str]
+    version: int  # weight snapshot that produced it
+    algorithm: str  # "dopsd" | "sft"
+    student_context: Any
+    teacher_context: Any = None
+    sigmas: torch.Tensor | None = None  # dopsd: (K + 1,)
+    states: torch.Tensor | None = None  # dopsd: (K, *latent)
+    train_states: list[int] = field(default_factory=list)
+    targets: torch.Tensor | None = None  # teacher velocities, when computed on the worker
+    latents: torch.Tensor | None = None  # sft: x0
+    noise: torch.Tensor | None = None  # sft: eps
+    sft_sigmas: torch.Tensor | None = None  # sft: (B,)
+    rollout_seconds: float = 0.0
+
+    @property
+    def num_trained_states(self) -> int:
+        batch = len(self.ids)
+        return batch * (len(self.train_states) if self.algorithm == "dopsd" else 1)
+
+
+def colocated_loss(family, weights, batch: Batch, sigmas: torch.Tensor, algo) -> tuple[torch.Tensor, dict]:
+    """One step of the released recipe (dopsd) or of baseline SFT, computed by the learner."""
+    family.check_images(batch.images)
+    gen = batch.generator
+    _, _, height, width = batch.images.shape
+    with torch.no_grad():
+        c_s = family.student_context(batch.captions)
+    if algo.name == "sft":
+        with torch.no_grad():
+            x0, noise, s = _sft_inputs(family, batch.images, gen, algo)
+        return _sft(family, weights, c_s, x0, noise, s)
+    with torch.no_grad():
+        c_t = family.teacher_context(batch.captions, batch.images)
+    noise = torch.randn(family.latent_shape(len(batch.captions), height, width), generator=gen)
+    train = choose_states(len(sigmas) - 1, algo.states_per_rollout, gen)
+
+    def teacher(x, sigma):
+        with weights.teacher() as model:
+            return family.velocity(model, x, sigma, c_t)
+
+    out = dopsd_step(velocity_fn(family, weights.model, c_s), teacher, noise, sigmas, algo.loss_space, train)
+    return out.loss, _dopsd_metrics(out.state_losses, sigmas, train, len(batch.captions))
+
+
+def _sft_inputs(family, images, gen, algo):
+    """x0 = latents of the target images, eps, and per-sample logit-normal shifted sigmas."""
+    _, _, height, width = images.shape
+    x0 = family.encode_images(images)
+    noise = torch.randn(x0.shape, generator=gen)
+    sigmas = sample_sft_sigmas(family, x0.shape[0], height, width, gen, algo.sft_logit_mean, algo.sft_logit_std)
+    return x0, noise, sigmas
+
+
+def _sft(family, weights, c_s, x0, noise, sft_sigmas):
+    loss = sft_loss(velocity_fn(family, weights.model, c_s), x0, noise, sft_sigmas)
+    return loss, {"loss/sft": loss.item(), "trained_states": x0.shape[0]}
+
+
+def _dopsd_metrics(state_losses: list[float], sigmas, train, batch_size: int) -> dict:
+    metrics = {"loss/dopsd": sum(state_losses) / len(state_losses), "trained_states": batch_size * len(train)}
+    for k, l in zip(train, state_losses):
+        metrics[f"loss/state_{k}_sigma_{float(sigmas[k]):.3f}"] = l
+    return metrics
+
+
+@torch.no_grad()
+def make_experience(family, weights, batch: Batch, sigmas: torch.Tensor, algo, version: int, with_targets: bool) -> Experience:
+    """A rollout worker's job: contexts, K student steps without grad, optional teacher targets."""
+    start = time.perf_counter()
+    family.check_images(batch.images)
+    gen = batch.generator
+    _, _, height, width = batch.images.shape
+    c_s = family.student_context(batch.captions)
+    if algo.name == "sft":
+        x0, noise, s = _sft_inputs(family, batch.images, gen, algo)
+        return Experience(batch.ids, version, "sft", c_s, latents=x0, noise=noise, sft_sigmas=s,
+                          rollout_seconds=time.perf_counter() - start)
+    c_t = family.teacher_context(batch.captions, batch.images)
+    noise = torch.randn(family.latent_shape(len(batch.captions), height, width), generator=gen)
+    train = choose_states(len(sigmas) - 1, algo.states_per_rollout, gen)
+    states = rollout_states(velocity_fn(family, weights.model, c_s), noise, sigmas)
+    targets = None
+    if with_targets:
+        with weights.teacher() as model:
+            targets = teacher_targets(velocity_fn(family, model, c_t), states, sigmas, train)
+        c_t = None  # the learner no longer needs the teacher context
+    return Experience(batch.ids, version, "dopsd", c_s, c_t, sigmas, states, train, targets,
+                      rollout_seconds=time.perf_counter() - start)
+
+
+def experience_loss(family, weights, exp: Experience, algo) -> tuple[torch.Tensor, dict]:
+    """The learner's side of a disaggregated step."""
+    if exp.algorithm == "sft":
+        return _sft(family, weights, exp.student_context, exp.latents, exp.noise, exp.sft_sigmas)
+    student = velocity_fn(family, weights.model, exp.student_context)
+    if exp.targets is not None:
+        loss, state_losses = dopsd_loss_on_states(
+            student, exp.states, exp.sigmas, exp.train_states, targets=exp.targets, loss_space=algo.loss_space)
+    else:
+        def teacher(x, sigma):
+            with weights.teacher() as model:
+                return family.velocity(model, x, sigma, exp.teacher_context)
+
+        loss, state_losses = dopsd_loss_on_states(
+            student, exp.states, exp.sigmas, exp.train_states, teacher=teacher, loss_space=algo.loss_space)
+    return loss, _dopsd_metrics(state_losses, exp.sigmas, exp.train_states, len(exp.ids))
