@@ -8,10 +8,10 @@ Two implementations of one small surface (used by the learner and the rollout wo
     weights.model                      # the module to call for the student
     with weights.teacher() as model:   # the module to call for the teacher (no grad)
     weights.trainable_parameters()     # what the optimizer updates
-    weights.ema_update(decay)          # after every optimizer step
-    weights.student_state_dict()       # what a weight sync ships (LoRA: adapters only)
-    weights.load_student_state_dict(sd)
+    weights.named_parameters(which)    # (key, param) of the student or teacher
     weights.export(path, pipeline_class)
+    ema_step(weights, decay)           # after every optimizer step
+    state_dict(weights, which) / load_state_dict(weights, sd, which): what a sync ships
 """
 
 import copy
@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig
+from safetensors.torch import save_file
 from torch import nn
 
 from .algorithms.ema import ema_update
@@ -46,6 +47,7 @@ class LoraWeights:
             for t, s in self._pairs:
                 t.copy_(s)
         transformer.set_adapter(STUDENT)  # student trainable, teacher frozen
+        self.module = transformer  # every weight, student and teacher: what DeepSpeed wraps
 
     def _pair_parameters(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
         params = dict(self.model.named_parameters())
@@ -72,45 +74,53 @@ class LoraWeights:
         finally:
             self.model.set_adapter(STUDENT)
 
-    def ema_update(self, decay: float) -> None:
-        ema_update(self.teacher_parameters(), self.trainable_parameters(), decay)
+    def named_parameters(self, which: str = STUDENT) -> list[tuple[str, nn.Parameter]]:
+        """(key, parameter) of one adapter; keys drop the adapter name, as diffusers LoRA files do."""
+        return [(name.replace(f".{which}.", "."), p) for name, p in self.model.named_parameters() if f".{which}." in name]
 
-    def student_state_dict(self) -> dict[str, torch.Tensor]:
-        """The student adapter, with diffusers/peft key names (no adapter name)."""
-        return {k: v.detach() for k, v in get_peft_model_state_dict(self.model, adapter_name=STUDENT).items()}
+    def export(self, path: str | Path, pipeline_class, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """A diffusers LoRA file the stock pipeline's load_lora_weights accepts.
 
-    def teacher_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in get_peft_model_state_dict(self.model, adapter_name=TEACHER).items()}
-
-    def load_student_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        _load_adapter(self.model, state, STUDENT)
-
-    def load_teacher_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        _load_adapter(self.model, state, TEACHER)
-
-    def export(self, path: str | Path, pipeline_class) -> Path:
-        """A diffusers LoRA file the stock pipeline's load_lora_weights accepts."""
+        `state`: the student adapter gathered from ZeRO-3 partitions (default: read it here).
+        """
+        state = state_dict(self) if state is None else state
         metadata = {"r": self.rank, "lora_alpha": self.alpha}
         pipeline_class.save_lora_weights(
-            str(path), transformer_lora_layers=self.student_state_dict(),
+            str(path), transformer_lora_layers=state,
             transformer_lora_adapter_metadata=metadata, safe_serialization=True,
         )
         return Path(path) / "pytorch_lora_weights.safetensors"
 
 
-def _load_adapter(model: nn.Module, state: dict[str, torch.Tensor], adapter: str) -> None:
-    params = dict(model.named_parameters())
-    missing = []
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DeepSpeed ZeRO-3 partitioned parameter, or the parameter itself."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+
+def ema_step(weights, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, after every optimizer step.
+
+    Under ZeRO-3 student and teacher tensors are partitioned alike, so each rank
+    updates its own shards and no gather is needed.
+    """
+    ema_update([_local(t) for t in weights.teacher_parameters()],
+               [_local(s) for s in weights.trainable_parameters()], decay)
+
+
+def state_dict(weights, which: str = STUDENT) -> dict[str, torch.Tensor]:
+    """Student (or teacher) weights by key: LoRA adapters only, or the full transformer."""
+    return {k: p.detach() for k, p in weights.named_parameters(which)}
+
+
+def load_state_dict(weights, state: dict[str, torch.Tensor], which: str = STUDENT) -> None:
+    """Copy a snapshot in; keys must match exactly."""
+    params = dict(weights.named_parameters(which))
+    missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+    if missing or unexpected:
+        raise KeyError(f"weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
         for key, value in state.items():
-            # peft state-dict keys drop the adapter name: "...lora_A.weight" -> "...lora_A.<adapter>.weight"
-            name = key.replace(".lora_A.", f".lora_A.{adapter}.").replace(".lora_B.", f".lora_B.{adapter}.")
-            if name not in params:
-                missing.append(key)
-                continue
-            params[name].copy_(value)
-    if missing:
-        raise KeyError(f"{len(missing)} adapter tensors match no parameter, e.g. {missing[:3]}")
+            params[key].copy_(value)
 
 
 class FullWeights:
@@ -118,6 +128,8 @@ class FullWeights:
         self.model = transformer
         self._teacher = copy.deepcopy(transformer).requires_grad_(False).eval()
         transformer.requires_grad_(True)
+        # every weight, student and teacher: what DeepSpeed wraps, so both are partitioned alike
+        self.module = nn.ModuleDict({STUDENT: transformer, TEACHER: self._teacher})
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
@@ -130,25 +142,17 @@ class FullWeights:
         with torch.no_grad():
             yield self._teacher
 
-    def ema_update(self, decay: float) -> None:
-        ema_update(self.teacher_parameters(), self.trainable_parameters(), decay)
+    def named_parameters(self, which: str = STUDENT) -> list[tuple[str, nn.Parameter]]:
+        return list((self.model if which == STUDENT else self._teacher).named_parameters())
 
-    def student_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
-
-    def teacher_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self._teacher.state_dict().items()}
-
-    def load_student_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state, strict=True)
-
-    def load_teacher_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._teacher.load_state_dict(state, strict=True)
-
-    def export(self, path: str | Path, pipeline_class=None) -> Path:
-        """A diffusers transformer folder (safetensors), loadable with from_pretrained."""
-        self.model.save_pretrained(str(path), safe_serialization=True)
-        return Path(path)
+    def export(self, path: str | Path, pipeline_class=None, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """A diffusers transformer folder (config + safetensors), loadable with from_pretrained."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = state_dict(self) if state is None else state
+        self.model.save_config(str(path))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path / "diffusion_pytorch_model.safetensors"))
+        return path
 
 
 def make_weights(transformer: nn.Module, lora_cfg, family_targets: list[str]):
