@@ -150,6 +150,10 @@ class RuntimeConfig(Section):
     def _check(self):
         if self.mode == "disaggregated" and self.num_rollout_workers < 1:
             raise ValueError("runtime.mode=disaggregated needs runtime.num_rollout_workers >= 1")
+        if self.max_staleness < self.sync_every - 1:
+            raise ValueError(
+                f"runtime.max_staleness={self.max_staleness} < runtime.sync_every - 1 = {self.sync_every - 1}: "
+                "experiences between syncs would always be too stale; raise max_staleness or sync less rarely")
         if self.teacher_targets == "rollout" and self.mode != "disaggregated":
             raise ValueError("runtime.teacher_targets=rollout needs runtime.mode=disaggregated")
         return self
