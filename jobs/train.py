@@ -1,0 +1,53 @@
+"""Train with D-OPSD (or baseline SFT) on Ray.
+
+    python jobs/train.py                                   # tiny model, bundled data, local Ray + MLflow
+    python jobs/train.py --config configs/zimage_turbo_lora.yaml data.path=s3://bucket/shards
+    ray job submit -- python jobs/train.py --config configs/zimage_turbo_lora.yaml
+
+Overrides are section.key=value (YAML values), e.g. optim.lr=5e-5 runtime.mode=disaggregated.
+Re-running with the same train.run_name resumes from the last checkpoint.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing, e.g. under `ray job submit`
+
+from dopsd_ray.config import ConfigError, load_config  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from dopsd_ray.driver import train
+
+    try:
+        summary = train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n== dopsd-ray: done ==")
+    print(f"run directory:   {summary['run_dir']}")
+    print(f"exported weights: {summary['export']}")
+    print(f"last checkpoint: {summary['checkpoint']}")
+    print(f"MLflow run:      {summary['mlflow_run_id']}")
+    print(f"  browse with:   mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    (Path(summary["run_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
