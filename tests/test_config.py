@@ -1,0 +1,60 @@
+"""Config: YAML + overrides, and errors that name the field and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from dopsd_ray.config import ConfigError, flatten, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert cfg.algorithm.inference_steps == {"zimage": 8, "flux2_klein": 4}[cfg.model.family]
+
+
+def test_released_zimage_recipe_settings():
+    cfg = load_config(ROOT / "configs" / "zimage_turbo_lora.yaml")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init) == (64, 128, "gaussian")
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-4, (0.9, 0.999), 0.0, 1.0)
+    assert (cfg.algorithm.ema_decay, cfg.algorithm.loss_space, cfg.algorithm.training_sigmas) == (0.9999, "x0", "recipe_4step")
+    assert cfg.train.steps == 2000 and cfg.train.batch_size * cfg.runtime.num_learners == 4
+    assert cfg.algorithm.states_per_rollout is None  # all K states, the recipe
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {family: zimage, tiny: true}\noptim: {lr: 1.0e-4}\n")
+    cfg = load_config(path, ["optim.lr=5e-5", "algorithm.training_sigmas=[1.0, 0.5, 0.0]", "runtime.learner_resources={CPU: 2}"])
+    assert cfg.optim.lr == 5e-5
+    assert cfg.algorithm.training_sigmas == [1.0, 0.5, 0.0]
+    assert cfg.runtime.learner_resources == {"CPU": 2}
+    assert flatten(cfg)["optim.lr"] == 5e-5
+
+
+@pytest.mark.parametrize("override, field, hint", [
+    (["optim.lrr=1"], "optim.lrr", "unknown key"),
+    (["nosuchsection.x=1"], "nosuchsection", "unknown key"),
+    (["optim.lr=fast"], "optim.lr", "valid number"),
+    (["algorithm.loss_space=l1"], "algorithm.loss_space", "'x0' or 'velocity'"),
+    (["runtime.max_staleness=-1"], "runtime.max_staleness", "greater than or equal to 0"),
+    (["model.family=flux2_klein", "model.tiny=true", "model.teacher_context=vlm", "model.family=zimage",
+      "model.teacher_context=reference"], "model", "not supported by family 'zimage'; allowed: vlm"),
+    (["algorithm.training_sigmas=[1.0, 0.5]"], "algorithm", "must decrease strictly"),
+    (["runtime.mode=colocated", "runtime.teacher_targets=rollout"], "runtime", "needs runtime.mode=disaggregated"),
+    (["runtime.sync_every=4", "runtime.max_staleness=1"], "runtime", "max_staleness=1 < runtime.sync_every - 1"),
+    (["model.tiny=false"], "model", "set model.path"),
+])
+def test_bad_values_name_the_field(override, field, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "tiny.yaml", override)
+    assert f"{field}:" in str(err.value) and hint in str(err.value)
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["optim.lr"])
