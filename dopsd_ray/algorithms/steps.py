@@ -44,6 +44,15 @@ class Batch:
     stream: int = 0
     seed: int = 0
 
+    def __post_init__(self):
+        if self.images.dim() != 4 or self.images.shape[0] != len(self.captions):
+            raise ValueError(
+                f"batch has {tuple(self.images.shape)} images for {len(self.captions)} captions: "
+                "give one (3, H, W) image per caption, stacked to (B, 3, H, W)")
+        empty = [i for i, c in enumerate(self.captions) if not isinstance(c, str) or not c.strip()]
+        if empty:
+            raise ValueError(f"captions at positions {empty} are empty or not strings: every image needs a caption")
+
     @property
     def generator(self) -> torch.Generator:
         return batch_generator(self.seed, self.stream, self.index)
