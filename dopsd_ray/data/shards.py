@@ -1,0 +1,257 @@
+"""Image-text sources -> validated parquet shards (jobs/prepare_data.py).
+
+Inputs:
+  - a folder: every image (png, jpg, jpeg, webp, bmp; subfolders too) with a same-name
+    .txt next to it, one caption per line (several lines = several captions);
+  - a JSONL file, one object a line: {"image": path, "caption": str} or
+    {"image": path, "captions": [str, ...]} (optional "id"); paths are relative to the
+    JSONL's folder or absolute.
+
+Output: shard-00000.parquet, shard-00001.parquet, ... with the columns of SCHEMA:
+id (string), image (binary: the original encoded bytes, never re-encoded) and
+captions (list<string>), plus summary.json. Every row is checked first (the image
+decodes fully, is not empty or absurdly large, has at least one non-empty string
+caption); a row that fails is skipped and counted under one of REASONS, with a few
+example paths, so one bad file never stops a long conversion.
+
+    sources = list_sources("photos/")          # cheap: paths and captions only
+    summary = write_shards(sources, "shards/", rows_per_shard=1000)
+    print(summary.format())
+"""
+
+import io
+import json
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("captions", pa.list_(pa.string()))])
+COLUMNS = tuple(SCHEMA.names)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_MAX_PIXELS = 8192 * 8192  # beyond this an image is "too_large" (checked before decoding)
+SHARD_PATTERN = "shard-{:05d}.parquet"
+EXAMPLES_PER_REASON = 5
+
+# Why a row was skipped (here) or dropped (data/stream.py), and what that means.
+REASONS = {
+    "missing_image": "the image file does not exist",
+    "empty_image": "the image has zero bytes or zero width/height",
+    "undecodable_image": "PIL cannot decode the image (corrupt, truncated or not an image)",
+    "too_large": "the image has more pixels than max_pixels",
+    "missing_caption": "no same-name .txt next to the image, or no caption in the JSONL line",
+    "empty_caption": "every caption is empty or whitespace",
+    "bad_caption": "a caption is not a string (or the .txt is not UTF-8)",
+    "bad_json": "the JSONL line is not a JSON object with an 'image' path",
+    "duplicate_id": "the same id appears twice (the first one is kept)",
+}
+
+
+# -- listing -------------------------------------------------------------------------
+@dataclass
+class Source:
+    """One candidate row before it is read: where the image is and its raw captions."""
+
+    id: str
+    image_path: Path | None
+    captions: Any = None  # raw: validated by clean_captions
+    problem: str | None = None  # a reason already known while listing (bad JSON, no .txt)
+
+
+def list_sources(input_path: str | Path) -> list[Source]:
+    """Candidates from a folder of images + .txt captions, or from a .jsonl file."""
+    input_path = Path(input_path)
+    if input_path.is_dir():
+        return folder_sources(input_path)
+    if input_path.is_file() and input_path.suffix.lower() in (".jsonl", ".json"):
+        return jsonl_sources(input_path)
+    if input_path.is_file():
+        raise ValueError(f"{input_path}: expected a folder of images + .txt captions or a .jsonl file")
+    raise FileNotFoundError(f"{input_path} does not exist")
+
+
+def folder_sources(folder: Path) -> list[Source]:
+    sources = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        id_ = path.relative_to(folder).with_suffix("").as_posix()
+        caption_file = path.with_suffix(".txt")
+        if not caption_file.is_file():
+            sources.append(Source(id_, path, problem="missing_caption"))
+            continue
+        try:
+            lines = caption_file.read_bytes().decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError:
+            sources.append(Source(id_, path, problem="bad_caption"))
+            continue
+        sources.append(Source(id_, path, lines))  # clean_captions drops blank lines
+    return sources
+
+
+def jsonl_sources(path: Path) -> list[Source]:
+    sources = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
+            sources.append(Source(where, None, problem="bad_json"))
+            continue
+        image = Path(obj["image"])
+        image_path = image if image.is_absolute() else path.parent / image
+        id_ = obj["id"] if isinstance(obj.get("id"), str) and obj["id"] else Path(obj["image"]).with_suffix("").as_posix()
+        if "caption" not in obj and "captions" not in obj:
+            sources.append(Source(id_, image_path, problem="missing_caption"))
+            continue
+        captions = [obj["caption"]] if "caption" in obj else []
+        if "captions" in obj:
+            extra = obj["captions"]
+            captions += extra if isinstance(extra, list) else [extra]
+        sources.append(Source(id_, image_path, captions))
+    return sources
+
+
+# -- checks (shared with data/stream.py) ---------------------------------------------
+def clean_captions(captions: Any) -> tuple[list[str], str | None]:
+    """Stripped non-empty captions, or ([], reason). Any non-string fails the row."""
+    if captions is None:
+        return [], "missing_caption"
+    if isinstance(captions, str) or not isinstance(captions, (list, tuple)):
+        return [], "bad_caption"  # a caption list is required; a bare value is a schema error
+    if any(not isinstance(c, str) for c in captions):
+        return [], "bad_caption"
+    kept = [c.strip() for c in captions if c.strip()]
+    return (kept, None) if kept else ([], "empty_caption")
+
+
+def open_image(data: bytes, max_pixels: int) -> tuple[Image.Image | None, str | None]:
+    """Fully decoded PIL image, or (None, reason). The size is checked before decoding."""
+    if not data:
+        return None, "empty_image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels rules
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width == 0 or height == 0:
+                return None, "empty_image"
+            if width * height > max_pixels:
+                return None, "too_large"
+            image.load()  # raises on truncated / corrupt data
+    except Image.DecompressionBombError:  # PIL's own hard limit, 2 * Image.MAX_IMAGE_PIXELS
+        return None, "too_large"
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return None, "undecodable_image"
+    return image, None
+
+
+def load_row(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[dict | None, str | None]:
+    """A SCHEMA row {id, image, captions} for `source`, or (None, reason)."""
+    if source.problem:
+        return None, source.problem
+    if source.image_path is None or not source.image_path.is_file():
+        return None, "missing_image"
+    captions, reason = clean_captions(source.captions)
+    if reason:
+        return None, reason
+    data = source.image_path.read_bytes()
+    _, reason = open_image(data, max_pixels)
+    if reason:
+        return None, reason
+    return {"id": source.id, "image": data, "captions": captions}, None
+
+
+# -- writing -------------------------------------------------------------------------
+@dataclass
+class Summary:
+    out_dir: str = ""
+    rows_written: int = 0
+    shards: list[str] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> a few paths / ids
+
+    def skip(self, reason: str, example: str) -> None:
+        self.skipped[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < EXAMPLES_PER_REASON:
+            shown.append(example)
+
+    def as_dict(self) -> dict:
+        return {"out_dir": self.out_dir, "rows_written": self.rows_written, "shards": list(self.shards),
+                "skipped": dict(self.skipped), "examples": {k: list(v) for k, v in self.examples.items()}}
+
+    def format(self) -> str:
+        lines = [f"wrote {self.rows_written} rows in {len(self.shards)} shard(s) to {self.out_dir}"]
+        total = sum(self.skipped.values())
+        lines.append(f"skipped {total} row(s)" + (":" if total else ""))
+        for reason, count in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {reason:<18} {count:>6}  {REASONS.get(reason, '')}")
+            for example in self.examples.get(reason, []):
+                lines.append(f"      e.g. {example}")
+        return "\n".join(lines)
+
+
+def write_shards(
+    sources: Iterable[Source],
+    out_dir: str | Path,
+    rows_per_shard: int = 1000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    overwrite: bool = False,
+) -> Summary:
+    """Check every source and write the usable ones to parquet shards in out_dir."""
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(out_dir.glob("shard-*.parquet"))
+    if old and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds {len(old)} shard(s); choose another folder or overwrite")
+    for path in old:
+        path.unlink()
+
+    summary, rows, seen = Summary(out_dir=str(out_dir)), [], set()
+    for source in sources:
+        row, reason = load_row(source, max_pixels)
+        if row is not None and row["id"] in seen:
+            row, reason = None, "duplicate_id"
+        if row is None:
+            summary.skip(reason, str(source.image_path or source.id))
+            continue
+        seen.add(row["id"])
+        rows.append(row)
+        if len(rows) == rows_per_shard:
+            write_shard(rows, out_dir, summary)
+            rows = []
+    if rows:
+        write_shard(rows, out_dir, summary)
+    (out_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
+    return summary
+
+
+def write_shard(rows: list[dict], out_dir: Path, summary: Summary) -> None:
+    path = out_dir / SHARD_PATTERN.format(len(summary.shards))
+    tmp = path.with_suffix(".parquet.tmp")
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    pq.write_table(table, tmp, row_group_size=64)  # small row groups: images are big rows
+    tmp.replace(path)  # a crash never leaves a half-written shard behind
+    summary.shards.append(str(path))
+    summary.rows_written += len(rows)
+
+
+def prepare_shards(
+    input_path: str | Path,
+    out_dir: str | Path,
+    rows_per_shard: int = 1000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    overwrite: bool = False,
+) -> Summary:
+    """list_sources + write_shards in one call."""
+    return write_shards(list_sources(input_path), out_dir, rows_per_shard, max_pixels, overwrite)

@@ -1,0 +1,65 @@
+"""Turn images + captions into parquet shards for training (data.path=OUT_DIR).
+
+    python jobs/prepare_data.py photos/ shards/                  # image.png + image.txt pairs
+    python jobs/prepare_data.py captions.jsonl shards/ --rows-per-shard 500
+
+INPUT: a folder of images with same-name .txt captions (one caption per line), or a
+JSONL of {"image": path, "caption": str} / {"image": path, "captions": [str, ...]}
+(paths relative to the JSONL's folder or absolute). Unusable rows (corrupt or huge
+images, missing or empty captions) are skipped and listed with the reason; the shards
+hold the original image bytes. Upload OUT_DIR (e.g. to s3://bucket/shards/) for clusters.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from dopsd_ray.data.shards import DEFAULT_MAX_PIXELS, list_sources, write_shards  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="folder of images + .txt captions, or a .jsonl file")
+    parser.add_argument("out_dir", help="folder for shard-00000.parquet, ... and summary.json")
+    parser.add_argument("--rows-per-shard", type=int, default=1000, help="rows per parquet file (default 1000)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"skip images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
+    args = parser.parse_args(argv)
+    if args.rows_per_shard < 1:
+        parser.error("--rows-per-shard must be at least 1")
+
+    if not Path(args.input).exists():
+        print(f"error: {args.input} does not exist", file=sys.stderr)
+        return 2
+    try:
+        sources = list_sources(args.input)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not sources:
+        print(f"error: nothing found in {args.input}: no images (.png .jpg .jpeg .webp .bmp) or JSONL rows",
+              file=sys.stderr)
+        return 1
+    try:
+        summary = write_shards(tqdm(sources, desc="checking + writing", unit="img"), args.out_dir,
+                               args.rows_per_shard, args.max_pixels, args.overwrite)
+    except FileExistsError as err:
+        print(f"error: {err} (--overwrite replaces them)", file=sys.stderr)
+        return 2
+
+    print(summary.format())
+    if summary.rows_written == 0:
+        print(f"error: nothing usable in {args.input}: every row was skipped (reasons above)", file=sys.stderr)
+        return 1
+    print(f"train on it with: python jobs/train.py data.path={Path(args.out_dir).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
