@@ -1,0 +1,340 @@
+"""Collective weight transport: learner rank 0 broadcasts buckets to the rollout workers.
+
+A process group of its own, made only of learner rank 0 and the rollout workers. It is
+NOT the learner's default torch.distributed group (DeepSpeed's), and it is created
+statelessly (a TCPStore plus a ProcessGroup object, no init_process_group), so a
+process can be in both groups at once:
+
+    learner group (DeepSpeed, default pg):   L0   L1   L2 ...   (gather_zero3_buckets)
+    weight-sync group (this file):           L0 = rank 0
+                                             W0 = rank 1, W1 = rank 2, ... W(n-1) = rank n
+
+Backend by device: gloo on CPU, NCCL on CUDA. Rank 0 hosts the TCPStore on a free port
+of its own node; the address reaches the workers through ordinary Ray calls.
+
+Set-up (learner rank 0, with the worker handles):
+
+    sender = CollectiveSender(num_receivers=len(workers), timeout_s=60)
+    address = sender.open()                                   # TCPStore on a free port
+    joins = [w.join_weight_group.remote(address, rank=i + 1) for i, w in enumerate(workers)]
+    sender.connect(pending=joins)                             # every worker joined, or TimeoutError
+
+    # worker actor:  def join_weight_group(self, address, rank):
+    #                    self.receiver = CollectiveReceiver(); self.receiver.join(address, rank)
+
+One sync: the metadata goes first through Ray, then one broadcast per bucket (one
+flat contiguous byte tensor each):
+
+    meta = describe_snapshot(step, weights.named_parameters(), bucket_numel)   # all learner ranks
+    refs = [w.receive_weights.remote(meta) for w in workers]                   # rank 0
+    buckets = gather_zero3_buckets(weights.named_parameters(), bucket_numel)   # all learner ranks
+    stats = sender.send(meta, buckets, pending=refs)                           # rank 0
+    # ranks > 0 just iterate `buckets` to the end (the gather is their collective)
+
+    # worker actor, max_concurrency >= 2 so this runs in a thread beside the roll-out loop:
+    #     def receive_weights(self, meta):
+    #         state = self.receiver.receive(meta)
+    #         with self.lock: self.pending = (meta.version, state)
+    # and the roll-out loop swaps `pending` in BETWEEN roll-outs, never mid-trajectory.
+    # Swapping is the caller's job: receive() only returns the new weights.
+
+Timeouts: every wait (join, each broadcast, the workers' replies) has a deadline;
+a worker that died or never calls receive() makes `send` raise TimeoutError naming
+the transport and the version instead of hanging the learner. After a failure the
+group is unusable: close() both sides and set it up again, then re-publish.
+"""
+
+import datetime
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import ray
+import torch
+import torch.distributed as dist
+
+from .buckets import full_numel, full_shape, plan_buckets
+
+ALIGN = 16  # bytes: every tensor starts 16-byte aligned inside a bucket, so byte views cast back to any dtype
+
+
+@dataclass(frozen=True)
+class GroupAddress:
+    host: str
+    port: int
+    world_size: int  # learner rank 0 + the receivers
+    backend: str  # "gloo" | "nccl"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int  # in bytes, inside the bucket's flat buffer
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    tensors: tuple[TensorSpec, ...]
+    nbytes: int  # size of the flat buffer, padding included
+
+
+@dataclass(frozen=True)
+class SnapshotMeta:
+    """What the workers need before the broadcasts: the version and every bucket's layout."""
+
+    version: int
+    buckets: tuple[BucketSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets)
+
+
+def describe_snapshot(version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_numel: int) -> SnapshotMeta:
+    """The layout of a snapshot, from names, FULL shapes and dtypes only (no gather needed).
+
+    Buckets follow the same plan as `gather_zero3_buckets` / `split_into_buckets`
+    (by full size, in order), so the buckets they yield match this layout.
+    """
+    named = list(named_tensors)
+    by_name = dict(named)
+    buckets = []
+    for names in plan_buckets(((n, full_numel(t)) for n, t in named), bucket_numel):
+        specs, offset = [], 0
+        for n in names:
+            t = by_name[n]
+            nbytes = full_numel(t) * t.element_size()
+            specs.append(TensorSpec(n, full_shape(t), t.dtype, offset, nbytes))
+            offset += _aligned(nbytes)
+        buckets.append(BucketSpec(tuple(specs), offset))
+    return SnapshotMeta(int(version), tuple(buckets))
+
+
+def pack_bucket(spec: BucketSpec, bucket: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """{name: tensor} -> one flat uint8 tensor laid out as `spec` says."""
+    if set(bucket) != {t.name for t in spec.tensors}:
+        raise ValueError(f"bucket holds {sorted(bucket)[:3]}..., the snapshot layout expects "
+                         f"{[t.name for t in spec.tensors][:3]}...: describe_snapshot and the bucket "
+                         "iterator must use the same parameters and bucket_numel")
+    flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
+    for t in spec.tensors:
+        x = bucket[t.name]
+        if tuple(x.shape) != t.shape or x.dtype != t.dtype:
+            raise ValueError(f"{t.name}: got {tuple(x.shape)} {x.dtype}, layout says {t.shape} {t.dtype}")
+        flat[t.offset:t.offset + t.nbytes].copy_(x.detach().reshape(-1).view(torch.uint8))
+    return flat
+
+
+def unpack_bucket(spec: BucketSpec, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inverse of pack_bucket; the tensors are views into `flat` (no copy)."""
+    return {t.name: flat[t.offset:t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in spec.tensors}
+
+
+class CollectiveSender:
+    """Learner rank 0's end of the weight-sync group (rank 0 of it)."""
+
+    def __init__(self, num_receivers: int, timeout_s: float = 60.0, device: str | torch.device | None = None):
+        self.num_receivers = num_receivers
+        self.timeout_s = timeout_s
+        self.device = _pick_device(device)
+        self._store = None
+        self._group = None
+        self.address: GroupAddress | None = None
+
+    def open(self) -> GroupAddress:
+        """Start the rendezvous store on a free port of this node; hand the address to the workers."""
+        host = _node_ip()
+        self._store = dist.TCPStore(host, 0, self.num_receivers + 1, is_master=True,
+                                    timeout=_td(self.timeout_s), wait_for_workers=False)
+        self.address = GroupAddress(host, self._store.port, self.num_receivers + 1, _backend(self.device))
+        return self.address
+
+    def connect(self, pending: list[ray.ObjectRef] = ()) -> None:
+        """Join as rank 0; returns once every receiver has joined (their `pending` join calls too)."""
+        if self.address is None:
+            raise RuntimeError("CollectiveSender.open() first: the workers need the address")
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            self._group = _new_group(self._store, 0, self.address, self.device, self.timeout_s)
+            _handshake(self._group, self.device, deadline)
+        except (RuntimeError, TimeoutError) as e:  # DistStoreError is a RuntimeError
+            self.close()
+            raise TimeoutError(f"collective weight sync ({self.address.backend}): not every one of the "
+                               f"{self.num_receivers} rollout workers joined {self.address.host}:"
+                               f"{self.address.port} within {self.timeout_s} s ({e})") from e
+        _wait_refs(pending, deadline, f"collective weight sync ({self.address.backend}): join")
+
+    def send(self, meta: SnapshotMeta, buckets: Iterable[dict[str, torch.Tensor]],
+             pending: list[ray.ObjectRef] = ()) -> dict:
+        """Broadcast one snapshot bucket by bucket; then wait for the workers' `pending` receive calls.
+
+        `buckets` must match `meta` (same order, names, shapes, dtypes). Returns metrics.
+        """
+        if self._group is None:
+            raise RuntimeError("CollectiveSender.connect() first")
+        start = time.perf_counter()
+        what = f"collective weight sync ({self.address.backend}), version {meta.version}"
+        count = 0
+        for i, bucket in enumerate(buckets):
+            if i >= len(meta.buckets):
+                raise ValueError(f"{what}: more buckets than the {len(meta.buckets)} in the metadata")
+            flat = pack_bucket(meta.buckets[i], bucket, self.device)
+            self._broadcast(flat, f"{what}, bucket {i + 1}/{len(meta.buckets)}")
+            count += 1
+        if count != len(meta.buckets):
+            raise ValueError(f"{what}: got {count} buckets, the metadata announced {len(meta.buckets)}")
+        _wait_refs(pending, time.monotonic() + self.timeout_s, what)
+        seconds = time.perf_counter() - start
+        return {"sync/seconds": seconds, "sync/bytes": meta.nbytes, "sync/version": meta.version,
+                "sync/buckets": count, "sync/gb_per_s": meta.nbytes / max(seconds, 1e-9) / 1e9}
+
+    def _broadcast(self, flat: torch.Tensor, what: str) -> None:
+        try:
+            _wait_work(self._group.broadcast([flat], _root0()), time.monotonic() + self.timeout_s)
+        except (RuntimeError, TimeoutError) as e:
+            self.close()
+            raise TimeoutError(f"{what}: a rollout worker did not take part within {self.timeout_s} s "
+                               f"(dead, or not receiving); the group is closed, set it up again ({e})") from e
+
+    def close(self) -> None:
+        _close(self._group)
+        self._group, self._store = None, None
+
+
+class CollectiveReceiver:
+    """A rollout worker's end of the weight-sync group (rank >= 1)."""
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = _pick_device(device)
+        self._group = None
+        self.timeout_s = 60.0
+
+    def join(self, address: GroupAddress, rank: int, timeout_s: float = 60.0) -> None:
+        """Blocks until the sender and every other receiver have joined (or raises)."""
+        if _backend(self.device) != address.backend:
+            raise ValueError(f"weight-sync group uses {address.backend}, this receiver's device is {self.device}")
+        self.timeout_s = timeout_s
+        deadline = time.monotonic() + timeout_s
+        try:
+            store = dist.TCPStore(address.host, address.port, address.world_size, is_master=False,
+                                  timeout=_td(timeout_s))
+            self._group = _new_group(store, rank, address, self.device, timeout_s)
+            _handshake(self._group, self.device, deadline)
+        except (RuntimeError, TimeoutError) as e:
+            self.close()
+            raise TimeoutError(f"collective weight sync ({address.backend}): rank {rank} could not join "
+                               f"{address.host}:{address.port} within {timeout_s} s ({e})") from e
+
+    def receive(self, meta: SnapshotMeta) -> dict[str, torch.Tensor]:
+        """Receive every bucket of the snapshot `meta` announces; returns {name: tensor} on this device.
+
+        Safe to call from a second actor thread while roll-outs continue: it only fills
+        new buffers. Swapping them into the model between roll-outs is the caller's job.
+        """
+        if self._group is None:
+            raise RuntimeError("CollectiveReceiver.join() first")
+        state: dict[str, torch.Tensor] = {}
+        for i, spec in enumerate(meta.buckets):
+            flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
+            try:
+                _wait_work(self._group.broadcast([flat], _root0()), time.monotonic() + self.timeout_s)
+            except (RuntimeError, TimeoutError) as e:
+                self.close()
+                raise TimeoutError(f"collective weight sync: receiving version {meta.version}, bucket "
+                                   f"{i + 1}/{len(meta.buckets)} timed out after {self.timeout_s} s ({e})") from e
+            state.update(unpack_bucket(spec, flat))
+        return state
+
+    def close(self) -> None:
+        _close(self._group)
+        self._group = None
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _new_group(store, rank: int, address: GroupAddress, device: torch.device, timeout_s: float):
+    """A ProcessGroup over `store`, outside torch.distributed's global state."""
+    store = dist.PrefixStore("dopsd_weight_sync", store)
+    if address.backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        # the watchdog's own timeout comes after ours, so the deadline here raises first
+        opts._timeout = _td(timeout_s + 60)
+        return dist.ProcessGroupNCCL(store, rank, address.world_size, opts)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = _td(timeout_s)
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_node_ip())]
+    return dist.ProcessGroupGloo(store, rank, address.world_size, opts)
+
+
+def _handshake(group, device: torch.device, deadline: float) -> None:
+    """One tiny broadcast, so a group that cannot talk fails at set-up, not at the first sync."""
+    _wait_work(group.broadcast([torch.zeros(1, device=device)], _root0()), deadline)
+
+
+def _wait_work(work, deadline: float) -> None:
+    """Wait for an async collective until `deadline` (monotonic); re-raise its error if it failed."""
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise TimeoutError("collective did not complete before the deadline")
+        time.sleep(0.0005)
+    work.wait()
+
+
+def _wait_refs(refs, deadline: float, what: str) -> None:
+    if not refs:
+        return
+    try:
+        ray.get(list(refs), timeout=max(deadline - time.monotonic(), 0.0))
+    except ray.exceptions.GetTimeoutError as e:
+        raise TimeoutError(f"{what}: the rollout workers did not answer in time") from e
+
+
+def _root0():
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    return opts
+
+
+def _close(group) -> None:
+    if group is None:
+        return
+    for name in ("abort", "shutdown"):
+        fn = getattr(group, name, None)
+        if fn is not None:
+            try:
+                fn()
+                return
+            except Exception:  # best effort: the group is being thrown away
+                pass
+
+
+def _pick_device(device) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _node_ip() -> str:
+    try:
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray (a debugger, a unit test without ray.init)
+        return socket.gethostbyname(socket.gethostname())
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _td(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)

@@ -1,0 +1,127 @@
+"""Object-store weight transport: the learner puts buckets, rollout workers get them.
+
+Works everywhere Ray runs (any node, CPU or GPU); it costs one serialised copy per
+bucket into the object store plus one copy out per worker.
+
+    learner rank 0 ──ray.put(bucket, _owner=store)──▶ object store ◀──ray.get── rollout worker
+          └──────── store.publish(version, [refs], meta) ──▶ WeightStore ◀── store.changed_since(v)
+
+- One `ray.put` per bucket (never per parameter) and one `publish` RPC per snapshot.
+- The WeightStore actor OWNS the buckets (`ray.put(..., _owner=store)`): the latest
+  snapshot outlives the learner process, so after a learner restart the workers can
+  still read it until the learner re-publishes.
+- ObjectRefs travel nested in a list: Ray resolves ObjectRefs passed as top-level
+  arguments, but leaves refs inside a list alone, so the store keeps refs (not copies).
+- Versions: the learner's step. A restarted learner resumes from a checkpoint and may
+  publish a LOWER version than the store holds; the store takes it (the learner's
+  weights are the truth) and workers swap to it, because `fetch_snapshot` returns any
+  snapshot whose version differs from the worker's, not only newer ones.
+
+`WeightStore` is a plain class: make it an actor at the call site,
+`store = ray.remote(WeightStore).remote()`. `publish_snapshot` / `fetch_snapshot` take
+either that handle or a plain in-process WeightStore (tests, a debugger).
+"""
+
+import time
+from collections.abc import Iterable
+
+import ray
+import torch
+from ray.actor import ActorHandle, ActorMethod
+
+NO_VERSION = -1
+
+
+class WeightStore:
+    """Holds the latest weight snapshot: its version, one ObjectRef per bucket, and meta."""
+
+    def __init__(self):
+        self._version = NO_VERSION
+        self._refs: list[ray.ObjectRef] = []
+        self._meta: dict = {}
+        self.publishes = 0
+        self.rollbacks = 0  # publishes of a lower version: a learner resumed from a checkpoint
+
+    def publish(self, version: int, bucket_refs: list[ray.ObjectRef], meta: dict | None = None) -> int:
+        """Replace the snapshot (the previous buckets are freed once no worker holds them)."""
+        if version < self._version:
+            self.rollbacks += 1
+        self._version, self._refs, self._meta = int(version), list(bucket_refs), dict(meta or {})
+        self.publishes += 1
+        return self._version
+
+    def latest(self) -> tuple[int, list[ray.ObjectRef], dict]:
+        return self._version, list(self._refs), dict(self._meta)
+
+    def version(self) -> int:
+        return self._version
+
+    def changed_since(self, version: int) -> tuple[int, list[ray.ObjectRef], dict] | None:
+        """The snapshot if its version differs from `version` (newer, or a rollback), else None."""
+        if self._version == NO_VERSION or self._version == version:
+            return None
+        return self.latest()
+
+    def stats(self) -> dict:
+        return {"version": self._version, "publishes": self.publishes, "rollbacks": self.rollbacks,
+                "buckets": len(self._refs)}
+
+
+def publish_snapshot(
+    store: "ActorHandle | WeightStore",
+    version: int,
+    buckets: Iterable[dict[str, torch.Tensor]],
+    timeout_s: float = 60.0,
+    meta: dict | None = None,
+) -> int:
+    """Learner rank 0: put each bucket once, then publish the refs; returns the bytes put.
+
+    `buckets` may be a generator (e.g. `gather_zero3_buckets(..., rank0_only=True)`):
+    each bucket goes to the object store as soon as it is gathered, so at most one
+    gathered bucket is held in this process at a time.
+    """
+    owner = store if isinstance(store, ActorHandle) else None
+    refs, nbytes, ntensors = [], 0, 0
+    for bucket in buckets:
+        if not bucket:
+            continue
+        bucket = {k: v.detach().cpu().contiguous() for k, v in bucket.items()}
+        nbytes += sum(v.numel() * v.element_size() for v in bucket.values())
+        ntensors += len(bucket)
+        refs.append(ray.put(bucket, _owner=owner))
+    meta = dict(meta or {}, buckets=len(refs), tensors=ntensors, bytes=nbytes, published_at=time.time())
+    _call(store.publish, timeout_s, version, refs, meta)  # refs nested in a list: not resolved
+    return nbytes
+
+
+def fetch_snapshot(
+    store: "ActorHandle | WeightStore",
+    current_version: int,
+    timeout_s: float = 60.0,
+) -> tuple[int, dict[str, torch.Tensor], int] | None:
+    """Rollout worker: (version, state_dict, bytes) if the store's snapshot differs from
+    `current_version`, else None. Swap the result in between roll-outs only."""
+    got = _call(store.changed_since, timeout_s, current_version)
+    if got is None:
+        return None
+    version, refs, _ = got
+    try:
+        buckets = ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        raise TimeoutError(f"object-store weight sync: fetching snapshot version {version} "
+                           f"({len(refs)} buckets) took over {timeout_s} s") from e
+    state: dict[str, torch.Tensor] = {}
+    for bucket in buckets:
+        state.update(bucket)
+    nbytes = sum(v.numel() * v.element_size() for v in state.values())
+    return version, state, nbytes
+
+
+def _call(method, timeout_s: float, *args):
+    """Call a WeightStore method: on an actor (`store.publish`, with a timeout) or a plain instance."""
+    if not isinstance(method, ActorMethod):
+        return method(*args)
+    try:
+        return ray.get(method.remote(*args), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        raise TimeoutError(f"object-store weight sync: WeightStore call did not answer within {timeout_s} s") from e
