@@ -158,6 +158,12 @@ class CollectiveSender:
         if self.address is None:
             raise RuntimeError("CollectiveSender.open() first: the workers need the address")
         deadline = time.monotonic() + self.timeout_s
+        missing = _wait_joined(self._store, self.num_receivers, deadline)
+        if missing:
+            self.close()
+            raise TimeoutError(f"collective weight sync ({self.address.backend}): rollout worker rank(s) "
+                               f"{missing} of {self.num_receivers} did not join {self.address.host}:"
+                               f"{self.address.port} within {self.timeout_s} s")
         try:
             self._group = _new_group(self._store, 0, self.address, self.device, self.timeout_s)
             _handshake(self._group, self.device, deadline)
@@ -222,6 +228,7 @@ class CollectiveReceiver:
         try:
             store = dist.TCPStore(address.host, address.port, address.world_size, is_master=False,
                                   timeout=_td(timeout_s))
+            store.set(_joined_key(rank), "1")  # the sender waits for these before building the group
             self._group = _new_group(store, rank, address, self.device, timeout_s)
             _handshake(self._group, self.device, deadline)
         except (RuntimeError, TimeoutError) as e:
@@ -267,6 +274,20 @@ def _new_group(store, rank: int, address: GroupAddress, device: torch.device, ti
     opts._timeout = _td(timeout_s)
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_node_ip())]
     return dist.ProcessGroupGloo(store, rank, address.world_size, opts)
+
+
+def _joined_key(rank: int) -> str:
+    return f"dopsd_weight_sync/joined/{rank}"
+
+
+def _wait_joined(store, num_receivers: int, deadline: float) -> list[int]:
+    """Wait until every receiver rank has checked in on the store; returns the ranks still missing."""
+    keys = [_joined_key(r) for r in range(1, num_receivers + 1)]
+    try:
+        store.wait(keys, _td(max(deadline - time.monotonic(), 0.001)))
+        return []
+    except RuntimeError:  # DistStoreError: timed out
+        return [r for r, k in enumerate(keys, start=1) if not store.check([k])]
 
 
 def _handshake(group, device: torch.device, deadline: float) -> None:

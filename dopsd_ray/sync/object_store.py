@@ -3,13 +3,15 @@
 Works everywhere Ray runs (any node, CPU or GPU); it costs one serialised copy per
 bucket into the object store plus one copy out per worker.
 
-    learner rank 0 ──ray.put(bucket, _owner=store)──▶ object store ◀──ray.get── rollout worker
+    learner rank 0 ──ray.put(bucket)──▶ object store ◀──ray.get── rollout worker
           └──────── store.publish(version, [refs], meta) ──▶ WeightStore ◀── store.changed_since(v)
 
 - One `ray.put` per bucket (never per parameter) and one `publish` RPC per snapshot.
-- The WeightStore actor OWNS the buckets (`ray.put(..., _owner=store)`): the latest
-  snapshot outlives the learner process, so after a learner restart the workers can
-  still read it until the learner re-publishes.
+- The learner process OWNS the buckets it puts (Ray 2.56 removed `ray.put(_owner=)`),
+  so a snapshot dies with the learner that put it: `fetch_snapshot` then returns None
+  (the worker keeps the weights it has) until the restarted learner re-publishes, which
+  it must do before it waits for experiences. The store holding the refs keeps the
+  buckets alive while the learner lives; publishing a new snapshot frees the old one.
 - ObjectRefs travel nested in a list: Ray resolves ObjectRefs passed as top-level
   arguments, but leaves refs inside a list alone, so the store keeps refs (not copies).
 - Versions: the learner's step. A restarted learner resumes from a checkpoint and may
@@ -28,6 +30,7 @@ from collections.abc import Iterable
 import ray
 import torch
 from ray.actor import ActorHandle, ActorMethod
+from ray.exceptions import GetTimeoutError, ObjectLostError
 
 NO_VERSION = -1
 
@@ -80,7 +83,6 @@ def publish_snapshot(
     each bucket goes to the object store as soon as it is gathered, so at most one
     gathered bucket is held in this process at a time.
     """
-    owner = store if isinstance(store, ActorHandle) else None
     refs, nbytes, ntensors = [], 0, 0
     for bucket in buckets:
         if not bucket:
@@ -88,7 +90,7 @@ def publish_snapshot(
         bucket = {k: v.detach().cpu().contiguous() for k, v in bucket.items()}
         nbytes += sum(v.numel() * v.element_size() for v in bucket.values())
         ntensors += len(bucket)
-        refs.append(ray.put(bucket, _owner=owner))
+        refs.append(ray.put(bucket))
     meta = dict(meta or {}, buckets=len(refs), tensors=ntensors, bytes=nbytes, published_at=time.time())
     _call(store.publish, timeout_s, version, refs, meta)  # refs nested in a list: not resolved
     return nbytes
@@ -100,14 +102,20 @@ def fetch_snapshot(
     timeout_s: float = 60.0,
 ) -> tuple[int, dict[str, torch.Tensor], int] | None:
     """Rollout worker: (version, state_dict, bytes) if the store's snapshot differs from
-    `current_version`, else None. Swap the result in between roll-outs only."""
+    `current_version`, else None. Swap the result in between roll-outs only.
+
+    Also None when the snapshot's buckets are gone with the learner that put them
+    (a learner restart): keep the current weights and poll again.
+    """
     got = _call(store.changed_since, timeout_s, current_version)
     if got is None:
         return None
     version, refs, _ = got
     try:
         buckets = ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError as e:
+    except ObjectLostError:  # OwnerDiedError included: the learner that put them is gone
+        return None
+    except GetTimeoutError as e:
         raise TimeoutError(f"object-store weight sync: fetching snapshot version {version} "
                            f"({len(refs)} buckets) took over {timeout_s} s") from e
     state: dict[str, torch.Tensor] = {}
@@ -123,5 +131,5 @@ def _call(method, timeout_s: float, *args):
         return method(*args)
     try:
         return ray.get(method.remote(*args), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError as e:
+    except GetTimeoutError as e:
         raise TimeoutError(f"object-store weight sync: WeightStore call did not answer within {timeout_s} s") from e
