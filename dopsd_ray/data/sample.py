@@ -63,7 +63,9 @@ def render(item: dict) -> Image.Image:
 
 
 def captions(item: dict) -> list[str]:
-    return [f"a {item['colour']} {item['shape']} on a {item['background']} background",
+    article = "an" if item["colour"][0] in "aeiou" else "a"
+    background = ("an " if item["background"][0] in "aeiou" else "a ") + item["background"]
+    return [f"{article} {item['colour']} {item['shape']} on {background} background",
             f"{item['colour']} {item['shape']}, {item['background']} backdrop, simple flat illustration"]
 
 

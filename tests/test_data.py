@@ -1,0 +1,320 @@
+"""Data path: folders / JSONL -> parquet shards -> Ray Data stream -> bucketed batches.
+
+Pure checks first (no Ray); the stream tests share one real local Ray (2 CPUs).
+"""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import threading
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from dopsd_ray.data.sample import write_sample
+from dopsd_ray.data.shards import SCHEMA, prepare_shards
+from dopsd_ray.data.stream import (
+    StreamSpec, choose_bucket, decode_batch, decode_row, iter_batches, make_buckets, read_shards,
+    sample_dataset_path, take_validation,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGET, MULTIPLE = 4096, 16  # 64 x 64
+
+
+def png(width: int, height: int, colour=(200, 30, 30), mode="RGB", noise=False) -> bytes:
+    if noise:  # incompressible, so a truncated copy really lacks pixel data
+        pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+    else:
+        image = Image.new(mode, (width, height), colour)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 120, 200)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_pair(folder: Path, name: str, image: bytes | None, caption: str | None) -> None:
+    path = folder / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if image is not None:
+        path.write_bytes(image)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption)
+
+
+def read_all(out_dir: Path) -> dict[str, dict]:
+    rows = {}
+    for shard in sorted(out_dir.glob("shard-*.parquet")):
+        table = pq.read_table(shard)
+        assert table.schema.equals(SCHEMA)
+        rows.update({r["id"]: r for r in table.to_pylist()})
+    return rows
+
+
+SIZES = {"square": (64, 64), "wide": (128, 64), "tall": (64, 128), "big": (160, 160)}  # (width, height)
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory) -> Path:
+    """12 images of four shapes (3 of each), 5 rows per shard -> 3 shards."""
+    folder = tmp_path_factory.mktemp("images")
+    for kind, (w, h) in SIZES.items():
+        for i in range(3):
+            write_pair(folder, f"{kind}{i}", png(w, h, (40 * i, 80, 160)), f"a {kind} picture {i}\nanother caption")
+    out = tmp_path_factory.mktemp("shards")
+    assert prepare_shards(folder, out, rows_per_shard=5).rows_written == 12
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+# -- preparing shards (no Ray) -----------------------------------------------------------
+def test_prepare_round_trips_a_folder(tmp_path):
+    folder = tmp_path / "in"
+    write_pair(folder, "a", png(64, 64), "a red square\n\n  a red block  \n")
+    write_pair(folder, "sub/b", png(32, 48, (0, 255, 0)), "green")
+    (folder / "c.jpg").write_bytes(jpeg(40, 30))
+    (folder / "c.txt").write_text("blue jpeg")
+    summary = prepare_shards(folder, tmp_path / "out", rows_per_shard=2)
+
+    assert summary.rows_written == 3 and len(summary.shards) == 2 and not summary.skipped
+    rows = read_all(tmp_path / "out")
+    assert set(rows) == {"a", "sub/b", "c"}
+    assert rows["a"]["image"] == (folder / "a.png").read_bytes()  # original bytes, not re-encoded
+    assert rows["c"]["image"] == (folder / "c.jpg").read_bytes()
+    assert rows["a"]["captions"] == ["a red square", "a red block"]
+    assert rows["sub/b"]["captions"] == ["green"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows_written"] == 3
+    with pytest.raises(FileExistsError, match="already holds 2 shard"):
+        prepare_shards(folder, tmp_path / "out")
+
+
+def test_bad_rows_are_summarised_not_fatal(tmp_path):
+    folder = tmp_path / "in"
+    good = png(64, 64, noise=True)
+    write_pair(folder, "good", good, "fine")
+    write_pair(folder, "corrupt", b"\x89PNG not really an image", "x")
+    write_pair(folder, "truncated", good[: len(good) // 2], "x")
+    write_pair(folder, "zero_bytes", b"", "x")
+    write_pair(folder, "huge", png(300, 300), "x")
+    write_pair(folder, "blank_caption", png(8, 8), "  \n\t\n")
+    write_pair(folder, "no_caption", png(8, 8), None)
+    summary = prepare_shards(folder, tmp_path / "out", max_pixels=200 * 200)
+
+    assert summary.rows_written == 1 and set(read_all(tmp_path / "out")) == {"good"}
+    assert dict(summary.skipped) == {"undecodable_image": 2, "empty_image": 1, "too_large": 1,
+                                     "empty_caption": 1, "missing_caption": 1}
+    assert any(e.endswith("truncated.png") for e in summary.examples["undecodable_image"])
+    assert summary.examples["missing_caption"][0].endswith("no_caption.png")
+    text = summary.format()
+    for reason in summary.skipped:
+        assert reason in text
+
+
+def test_jsonl_with_several_captions(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "one.png").write_bytes(png(32, 32))
+    (tmp_path / "two.png").write_bytes(png(16, 48))
+    lines = [
+        {"image": "imgs/one.png", "captions": ["first caption", "  second caption ", "   "]},
+        {"image": str(tmp_path / "two.png"), "caption": "only one", "id": "custom-id"},
+        {"image": "imgs/one.png", "captions": ["dup"]},
+        {"image": "imgs/one.png", "id": "x", "caption": 5},
+        {"image": "imgs/missing.png", "caption": "gone"},
+        {"image": "imgs/one.png", "id": "y"},
+    ]
+    text = "\n".join(json.dumps(line) for line in lines) + "\n{broken json\n\n"
+    (tmp_path / "data.jsonl").write_text(text)
+    summary = prepare_shards(tmp_path / "data.jsonl", tmp_path / "out")
+
+    rows = read_all(tmp_path / "out")
+    assert rows["imgs/one"]["captions"] == ["first caption", "second caption"]
+    assert rows["custom-id"]["captions"] == ["only one"]
+    assert rows["custom-id"]["image"] == (tmp_path / "two.png").read_bytes()
+    assert dict(summary.skipped) == {"duplicate_id": 1, "bad_caption": 1, "missing_image": 1,
+                                     "missing_caption": 1, "bad_json": 1}
+    assert summary.examples["bad_json"] == [f"{tmp_path / 'data.jsonl'}:7"]
+
+
+# -- buckets, decoding, batching (no Ray) --------------------------------------------------
+@pytest.mark.parametrize("budget,multiple,ratio", [(4096, 16, 2.0), (1024 * 1024, 16, 2.0), (512 * 512, 64, 1.5)])
+def test_buckets_are_multiples_near_the_budget(budget, multiple, ratio):
+    buckets = make_buckets(budget, multiple, ratio)
+    assert (int(budget**0.5) // multiple * multiple,) * 2 in buckets or budget == 4096 and (64, 64) in buckets
+    for h, w in buckets:
+        assert h % multiple == 0 and w % multiple == 0
+        assert max(h, w) / min(h, w) <= ratio
+        assert abs(h * w - budget) / budget < 0.15
+        assert (w, h) in buckets  # portrait and landscape alike
+    assert choose_bucket(100, 100, buckets)[0] == choose_bucket(100, 100, buckets)[1]
+    h, w = choose_bucket(100, 300, buckets)  # very wide: the widest bucket
+    assert w / h == max(b[1] / b[0] for b in buckets)
+
+
+def test_decode_row_float_rgba_and_caption_choice():
+    row = {"id": "r", "image": png(128, 64, (0, 0, 0, 0), mode="RGBA"), "captions": ["one", "two", "three"]}
+    buckets = make_buckets(BUDGET, MULTIPLE, 2.0)
+    out, reason = decode_row(row, StreamSpec(pixel_budget=BUDGET, pixels="float", caption="first"), buckets)
+    assert reason is None and out["caption"] == "one"
+    assert out["pixels"].shape == (3, out["height"], out["width"]) and out["width"] > out["height"]
+    assert out["pixels"].dtype == np.float32 and np.allclose(out["pixels"], 1.0)  # transparent -> white
+    picks = {decode_row(row, StreamSpec(pixel_budget=BUDGET, seed=s), buckets)[0]["caption"] for s in range(20)}
+    assert len(picks) > 1  # random over seeds ...
+    spec = StreamSpec(pixel_budget=BUDGET, seed=3)
+    assert decode_row(row, spec, buckets)[0]["caption"] == decode_row(row, spec, buckets)[0]["caption"]  # ... fixed per seed
+
+
+def test_iter_batches_groups_buckets_and_repeats():
+    def row(i, h, w):
+        return {"id": str(i), "pixels": np.full((h, w, 3), 255, np.uint8), "height": h, "width": w, "caption": f"c{i}"}
+
+    rows = [row(i, 64, 64) for i in range(5)] + [row(10 + i, 48, 80) for i in range(3)]
+    batches = list(iter_batches(rows, 2, epochs=1, shuffle_buffer=4))
+    for images, captions, ids in batches:
+        assert images.dtype == torch.float32 and images.shape[1] == 3 and len(captions) == len(ids) == images.shape[0]
+        assert torch.all(images == 1.0)
+    assert sorted(i for _, _, ids in batches for i in ids) == sorted(r["id"] for r in rows)
+    assert sorted(b[0].shape[0] for b in batches) == [1, 1, 2, 2, 2]  # 5 = 2+2+1, 3 = 2+1: leftovers last, smaller
+    forever = list(islice(iter_batches(rows, 2), 10))  # epochs=None: repeats, part-filled buckets carry over
+    assert len(forever) == 10 and all(b[0].shape[0] == 2 for b in forever)
+    with pytest.raises(RuntimeError, match="no usable rows"):
+        next(iter_batches([], 2))
+
+
+def test_sample_dataset_is_bundled_and_deterministic(tmp_path):
+    write_sample(tmp_path)
+    bundled = Path(sample_dataset_path())
+    made = sorted(p.name for p in tmp_path.iterdir())
+    assert made == sorted(p.name for p in bundled.iterdir()) and 32 <= len(made) <= 48
+    assert all((tmp_path / n).read_bytes() == (bundled / n).read_bytes() for n in made)
+    assert sum(p.stat().st_size for p in bundled.iterdir()) < 200_000
+
+
+def test_wrong_columns_fail_at_once_naming_the_expected_ones(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "img": [b"x"], "text": ["hi"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"expected columns \['id', 'image', 'captions'\].*found \['id', 'img', 'text'\]"):
+        read_shards(tmp_path)
+    with pytest.raises(ValueError, match=r"expected columns \['id', 'image', 'captions'\]"):  # inside the map, too
+        decode_batch(pa.table({"id": ["a"], "img": [b"x"]}), StreamSpec(), make_buckets(BUDGET, MULTIPLE, 2.0))
+
+
+# -- streaming with Ray Data ---------------------------------------------------------------
+def test_read_shards_yields_bucketed_batches(ray_local, shards_dir):
+    dataset, stats = read_shards(shards_dir, StreamSpec(pixel_budget=BUDGET, multiple=MULTIPLE))
+    batches = list(iter_batches(dataset, 3, epochs=1))
+    ids = [i for _, _, batch_ids in batches for i in batch_ids]
+    assert sorted(ids) == sorted(f"{k}{i}" for k in SIZES for i in range(3))
+    for images, captions, batch_ids in batches:
+        b, c, h, w = images.shape
+        assert c == 3 and h % MULTIPLE == 0 and w % MULTIPLE == 0 and abs(h * w - BUDGET) / BUDGET < 0.15
+        assert images.min() >= -1 and images.max() <= 1
+        assert all(cap.startswith("a ") or cap == "another caption" for cap in captions)
+        kinds = {i.rstrip("0123456789") for i in batch_ids}
+        assert kinds <= {"square", "big"} if h == w else kinds == ({"wide"} if w > h else {"tall"})
+    assert stats.as_dict() == {"rows_read": 12, "rows_kept": 12, "dropped": {}, "examples": {}}
+
+
+def test_bad_rows_in_a_shard_are_dropped_and_counted(ray_local, tmp_path):
+    rows = [
+        ("good1", png(64, 64), ["ok"]),
+        ("good2", png(80, 40), ["ok", "also ok"]),
+        ("garbage", b"definitely not an image", ["x"]),
+        ("zero_bytes", b"", ["x"]),
+        ("huge", png(200, 200), ["x"]),
+        ("blank", png(64, 64), ["   "]),
+        ("no_captions", png(64, 64), []),
+        ("null_caption", png(64, 64), [None]),
+    ]
+    table = pa.table({"id": [r[0] for r in rows], "image": [r[1] for r in rows], "captions": [r[2] for r in rows]},
+                     schema=SCHEMA)
+    pq.write_table(table, tmp_path / "shard-00000.parquet")
+    dataset, stats = read_shards(tmp_path, StreamSpec(pixel_budget=BUDGET, max_pixels=150 * 150))
+
+    assert sorted(r["id"] for r in dataset.iter_rows()) == ["good1", "good2"]
+    got = stats.as_dict()
+    assert got["rows_read"] == 8 and got["rows_kept"] == 2
+    assert got["dropped"] == {"undecodable_image": 1, "empty_image": 1, "too_large": 1,
+                              "empty_caption": 2, "bad_caption": 1}
+    assert got["examples"]["bad_caption"] == ["null_caption"]
+    assert sorted(got["examples"]["empty_caption"]) == ["blank", "no_captions"]
+
+
+def test_streaming_split_covers_the_rows(ray_local, shards_dir):
+    dataset, _ = read_shards(shards_dir, StreamSpec(pixel_budget=BUDGET, rows_per_block=2))
+    splits = dataset.streaming_split(2)
+    seen = [[], []]
+
+    def consume(k):  # the splits must be read concurrently, as rollout actors do
+        for _, _, ids in iter_batches(splits[k], 2, epochs=1):
+            seen[k] += ids
+
+    threads = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(f"{k}{i}" for k in SIZES for i in range(3))
+
+
+def test_webdataset_tars_and_image_folders(ray_local, tmp_path):
+    members = {"a.png": png(64, 64), "a.txt": b"first line\nsecond line\n", "b.jpg": jpeg(96, 48),
+               "b.txt": b"a blue jpeg", "c.png": png(64, 64)}  # c has no caption
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dataset, stats = read_shards(str(tmp_path / "shard-000.tar"), StreamSpec(pixel_budget=BUDGET, caption="first"))
+    rows = {r["id"]: r for r in dataset.iter_rows()}
+    assert set(rows) == {"a", "b"} and rows["a"]["caption"] == "first line" and rows["b"]["caption"] == "a blue jpeg"
+    assert rows["b"]["pixels"].shape == (rows["b"]["height"], rows["b"]["width"], 3) and rows["b"]["width"] > 64
+    assert stats.as_dict()["dropped"] == {"missing_caption": 1}
+
+    # the bundled sample folder is read directly (the embedded default) and gives validation images
+    dataset, stats = read_shards(sample_dataset_path(), StreamSpec(pixel_budget=BUDGET))
+    captions, images = take_validation(dataset, count=4)
+    assert len(captions) == 4 and images.shape == (4, 3, 64, 64)
+
+
+# -- the entry script ----------------------------------------------------------------------
+def test_prepare_data_script(tmp_path):
+    folder = tmp_path / "in"
+    for i in range(3):
+        write_pair(folder, f"img{i}", png(32, 32), f"caption {i}")
+    write_pair(folder, "broken", b"junk", "caption")
+    script = [sys.executable, str(REPO / "jobs" / "prepare_data.py")]
+    done = subprocess.run(script + [str(folder), str(tmp_path / "out"), "--rows-per-shard", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 3 rows in 2 shard(s)" in done.stdout and "undecodable_image" in done.stdout
+    assert "broken.png" in done.stdout
+    assert len(list((tmp_path / "out").glob("shard-*.parquet"))) == 2
+
+    missing = subprocess.run(script + [str(tmp_path / "nope"), str(tmp_path / "o2")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    only_bad = tmp_path / "bad"
+    write_pair(only_bad, "x", b"junk", "caption")
+    nothing = subprocess.run(script + [str(only_bad), str(tmp_path / "o3")], capture_output=True, text=True)
+    assert nothing.returncode != 0 and "nothing usable" in nothing.stderr
