@@ -133,11 +133,9 @@ def test_object_store_round_trip_to_two_workers(local_ray):
         assert_same_weights(state, got)
     assert ray.get([w.fetch.remote(store) for w in workers]) == [None, None]  # up to date
 
-    # the learner restarts from an older checkpoint and re-publishes a LOWER version
-    ray.kill(learner)
-    learner = ray.remote(num_cpus=0)(StoreLearner).remote()
+    # a restarted learner resumes from an older checkpoint and re-publishes a LOWER version
     older = tiny_state(seed=1)
-    ray.get(learner.publish.remote(store, 3, older, 100))
+    publish_snapshot(store, 3, split_into_buckets(older, 100))  # from this process: any process can publish
     for version, got, _ in ray.get([w.fetch.remote(store) for w in workers]):
         assert version == 3
         assert_same_weights(older, got)
@@ -196,6 +194,12 @@ class CollectiveWorker:
             self.pending = (meta.version, state)
         return meta.version
 
+    def rollout(self, seconds: float) -> tuple[int, int]:
+        """A roll-out: take the pending snapshot first, then run with frozen weights."""
+        version_used, _ = self.between_rollouts()
+        time.sleep(seconds)
+        return version_used, self.version  # unchanged: nothing swaps mid-trajectory
+
     def between_rollouts(self):
         with self.lock:
             if self.pending is not None:
@@ -209,9 +213,13 @@ def test_collective_gloo_broadcast_to_two_workers(local_ray):
     learner = ray.remote(num_cpus=0)(CollectiveLearner).remote(2, 30.0)
     ray.get(learner.set_up.remote(workers), timeout=60)
 
+    busy = workers[0].rollout.remote(2.0)  # weights arrive in a second thread meanwhile
     for version, seed in [(1, 0), (2, 1)]:
         state = tiny_state(seed)
         stats = ray.get(learner.sync.remote(workers, version, state, 100), timeout=60)
+        if version == 1:
+            assert not ray.wait([busy], timeout=0)[0], "the sync waited for the roll-out to end"
+            assert ray.get(busy) == (-1, -1)
         assert stats["sync/version"] == version and stats["sync/buckets"] == len(split_into_buckets(state, 100))
         for got_version, got in ray.get([w.between_rollouts.remote() for w in workers]):
             assert got_version == version
@@ -221,19 +229,26 @@ def test_collective_gloo_broadcast_to_two_workers(local_ray):
         ray.kill(a)
 
 
-def test_collective_sender_times_out_when_a_receiver_never_joins(local_ray):
-    timeout_s = 4.0
-    worker = ray.remote(num_cpus=0, max_concurrency=2)(CollectiveWorker).remote(timeout_s)
+def test_collective_sender_times_out_when_a_receiver_never_joins():
+    timeout_s = 3.0
     sender = CollectiveSender(num_receivers=2, timeout_s=timeout_s, device="cpu")
     address = sender.open()
-    join = worker.join.remote(address, rank=1)  # rank 2 never joins
+    errors = []
+
+    def join_rank_1():  # rank 2 never joins
+        try:
+            CollectiveReceiver(device="cpu").join(address, 1, timeout_s)
+        except TimeoutError as e:
+            errors.append(e)
+
+    joining = threading.Thread(target=join_rank_1)
+    joining.start()
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"collective weight sync \(gloo\)"):
-        sender.connect(pending=[join])
-    assert time.monotonic() - start < timeout_s + 3
-    with pytest.raises(Exception):
-        ray.get(join, timeout=30)  # the worker gave up too, with its own TimeoutError
-    ray.kill(worker)
+    with pytest.raises(TimeoutError, match=r"collective weight sync \(gloo\): rollout worker rank\(s\) \[2\]"):
+        sender.connect()
+    assert time.monotonic() - start < timeout_s + 2
+    joining.join()
+    assert len(errors) == 1  # the worker that joined gives up too, with its own TimeoutError
 
 
 def test_collective_send_times_out_naming_the_version_when_a_worker_stops_receiving():
@@ -249,13 +264,22 @@ def test_collective_send_times_out_naming_the_version_when_a_worker_stops_receiv
         t.join()
     state = tiny_state()
     meta = describe_snapshot(9, state.items(), 100)
-    listening = threading.Thread(target=lambda: pytest.raises(TimeoutError, receivers[0].receive, meta))
+    errors = []
+
+    def receive_one():
+        try:
+            receivers[0].receive(meta)
+        except TimeoutError as e:  # the sender gave up, so this receiver times out too
+            errors.append(e)
+
+    listening = threading.Thread(target=receive_one)
     listening.start()  # receiver 2 never calls receive()
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=r"collective weight sync \(gloo\), version 9"):
         sender.send(meta, split_into_buckets(state, 100))
     assert time.monotonic() - start < timeout_s + 2
     listening.join()
+    assert len(errors) == 1 and "version 9" in str(errors[0])
 
 
 # -- ZeRO-3 --------------------------------------------------------------------------------
