@@ -169,6 +169,28 @@ def load_row(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[dict
     return {"id": source.id, "image": data, "captions": captions}, None
 
 
+class DropCounter:
+    """Rows read / kept / dropped per reason while streaming; a Ray actor in data/stream.py."""
+
+    def __init__(self):
+        self.read, self.kept = 0, 0
+        self.dropped: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, read: int, kept: int, dropped: dict[str, int], examples: dict[str, list[str]]) -> None:
+        self.read += read
+        self.kept += kept
+        self.dropped.update(dropped)
+        for reason, ids in examples.items():
+            shown = self.examples.setdefault(reason, [])
+            shown.extend(i for i in ids if i not in shown)
+            del shown[EXAMPLES_PER_REASON:]
+
+    def snapshot(self) -> dict:
+        return {"rows_read": self.read, "rows_kept": self.kept, "dropped": dict(self.dropped),
+                "examples": {k: list(v) for k, v in self.examples.items()}}
+
+
 # -- writing -------------------------------------------------------------------------
 @dataclass
 class Summary:

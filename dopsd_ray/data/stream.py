@@ -25,21 +25,28 @@ time. Counts accumulate over every pass of the data (each epoch decodes again).
 A shard whose columns are not id, image, captions is a setup error: it fails at once.
 """
 
-import io
+from __future__ import annotations
+
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-import torch
+import ray.data
 from PIL import Image, ImageOps
 
-from .shards import COLUMNS, DEFAULT_MAX_PIXELS, EXAMPLES_PER_REASON, IMAGE_EXTENSIONS, clean_captions, list_sources, load_row, open_image
+from .shards import (
+    COLUMNS, DEFAULT_MAX_PIXELS, EXAMPLES_PER_REASON, IMAGE_EXTENSIONS, DropCounter, clean_captions, list_sources,
+    load_row, open_image,
+)
+
+if TYPE_CHECKING:
+    import torch  # imported where batches are built (the consumer): map workers stay light
 
 PARQUET_EXTENSIONS = (".parquet",)
 TAR_EXTENSIONS = (".tar",)
@@ -141,28 +148,8 @@ def decode_row(row: dict, spec: StreamSpec, buckets: list[tuple[int, int]]) -> t
 
 
 # -- counting dropped rows inside Ray Data ----------------------------------------------
-class DropCounter:
-    """Tallies rows read / kept / dropped per reason; a Ray actor at the call site."""
-
-    def __init__(self):
-        self.read, self.kept = 0, 0
-        self.dropped: Counter = Counter()
-        self.examples: dict[str, list[str]] = {}
-
-    def add(self, read: int, kept: int, dropped: dict[str, int], examples: dict[str, list[str]]) -> None:
-        self.read += read
-        self.kept += kept
-        self.dropped.update(dropped)
-        for reason, ids in examples.items():
-            shown = self.examples.setdefault(reason, [])
-            shown.extend(i for i in ids if i not in shown)
-            del shown[EXAMPLES_PER_REASON:]
-
-    def snapshot(self) -> dict:
-        return {"rows_read": self.read, "rows_kept": self.kept, "dropped": dict(self.dropped),
-                "examples": {k: list(v) for k, v in self.examples.items()}}
-
-
+# Every map task reports its counts to one DropCounter actor per stream (the plain class
+# lives in shards.py, which imports neither torch nor Ray Data: the actor starts fast).
 class StreamStats:
     """The caller's view of a stream's DropCounter (picklable: it holds an actor handle)."""
 
@@ -325,6 +312,7 @@ def sample_dataset_path() -> str:
 # -- batching (plain Python, in the consumer) -------------------------------------------
 def to_image_tensor(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) or float (3, H, W) in [-1, 1] -> float32 (3, H, W) in [-1, 1]."""
+    import torch
     if pixels.dtype == np.uint8:
         return torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0  # a writable copy
     return torch.as_tensor(pixels, dtype=torch.float32)
@@ -332,6 +320,7 @@ def to_image_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 def collate(rows: list[dict]) -> tuple[torch.Tensor, list[str], list[str]]:
     """Rows of one bucket -> (images (B, 3, H, W) in [-1, 1], captions, ids)."""
+    import torch
     images = [to_image_tensor(r["pixels"]) for r in rows]
     shapes = {tuple(i.shape) for i in images}
     if len(shapes) != 1:
