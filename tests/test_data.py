@@ -83,10 +83,13 @@ def shards_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # another module may have left its local Ray up
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 # -- preparing shards (no Ray) -----------------------------------------------------------
