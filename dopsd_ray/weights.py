@@ -41,7 +41,7 @@ class LoraWeights:
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             transformer.add_adapter(lora, adapter_name=TEACHER)
         self.model = transformer
-        self.rank, self.alpha = rank, alpha
+        self.rank, self.alpha, self.targets = rank, alpha, list(targets)
         self._pairs = self._pair_parameters()
         with torch.no_grad():
             for t, s in self._pairs:
@@ -84,7 +84,7 @@ class LoraWeights:
         `state`: the student adapter gathered from ZeRO-3 partitions (default: read it here).
         """
         state = state_dict(self) if state is None else state
-        metadata = {"r": self.rank, "lora_alpha": self.alpha}
+        metadata = {"r": self.rank, "lora_alpha": self.alpha, "target_modules": self.targets}
         pipeline_class.save_lora_weights(
             str(path), transformer_lora_layers=state,
             transformer_lora_adapter_metadata=metadata, safe_serialization=True,
