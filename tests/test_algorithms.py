@@ -11,7 +11,7 @@ from dopsd_ray.algorithms.schedules import RECIPE_4STEP, training_sigmas
 from dopsd_ray.algorithms.steps import Batch, colocated_loss, experience_loss, make_experience, velocity_fn
 from dopsd_ray.config import AlgorithmConfig, LoraConfig, ModelConfig
 from dopsd_ray.families import load_family
-from dopsd_ray.families.zimage import LORA_TARGETS, build_tiny_zimage
+from dopsd_ray.families.zimage import LORA_TARGETS
 from dopsd_ray.weights import TEACHER, FullWeights, LoraWeights, ema_step, load_state_dict, make_weights, state_dict
 
 H = W = 32
@@ -20,10 +20,8 @@ CAPTIONS = ["a red circle on a blue background", "a green square on a white back
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("zimage")
-    build_tiny_zimage(path, seed=0)
-    return path
+def tiny_dir(tiny_zimage_dir):
+    return tiny_zimage_dir
 
 
 def model_cfg(tiny_dir):
