@@ -1,0 +1,64 @@
+"""Model families. Each lives in its own file with its tiny builder; this picks one."""
+
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+
+
+def load_family(model: ModelConfig, path: str | Path | None = None, device: str = "cpu"):
+    """Load the configured family from `path` (default model.path) with from_pretrained."""
+    path = str(path or model.path)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model.dtype]
+    if model.family == "zimage":
+        from .zimage import ZImageFamily
+
+        return ZImageFamily.from_pretrained(
+            path, teacher_vlm_path=model.teacher_vlm_path, dtype=dtype, device=device,
+            max_sequence_length=model.max_sequence_length,
+            teacher_max_sequence_length=model.teacher_max_sequence_length,
+            vlm_min_pixels=model.vlm_min_pixels, vlm_max_pixels=model.vlm_max_pixels,
+        )
+    if model.family == "flux2_klein":
+        from .flux2_klein import Flux2KleinFamily
+
+        return Flux2KleinFamily.from_pretrained(
+            path, teacher_context=model.teacher_context, teacher_vlm_path=model.teacher_vlm_path,
+            dtype=dtype, device=device, max_sequence_length=model.max_sequence_length,
+        )
+    raise ValueError(f"unknown model family {model.family!r}; known: zimage, flux2_klein")
+
+
+def build_tiny(model: ModelConfig, path: str | Path, seed: int = 0) -> Path:
+    """Build (once) a tiny random pipeline of the configured family under `path`."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    if model.family == "zimage":
+        from .zimage import build_tiny_zimage
+
+        build_tiny_zimage(path, seed=seed)
+    elif model.family == "flux2_klein":
+        from .flux2_klein import build_tiny_flux2_klein
+
+        build_tiny_flux2_klein(path, seed=seed, variant=model.variant or "4b")
+    else:
+        raise ValueError(f"unknown model family {model.family!r}; known: zimage, flux2_klein")
+    return path
+
+
+def lora_targets(family_name: str) -> list[str]:
+    if family_name == "zimage":
+        from .zimage import LORA_TARGETS
+    else:
+        from .flux2_klein import LORA_TARGETS
+    return list(LORA_TARGETS)
+
+
+def pipeline_class(family_name: str):
+    if family_name == "zimage":
+        from .zimage import PIPELINE_CLASS
+    else:
+        from .flux2_klein import PIPELINE_CLASS
+    return PIPELINE_CLASS

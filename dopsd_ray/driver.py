@@ -1,0 +1,101 @@
+"""The driver: a short script of visible Ray calls.
+
+    data     = read_shards(...)                               Ray Data
+    workers  = [RolloutWorker actor] * n                      disaggregated only
+    learner  = TorchTrainer(train_loop_per_worker, ...)       Ray Train + DeepSpeed
+    learner.fit()    # trains, syncs weights to workers, checkpoints, exports
+    stop workers; print where the results are
+"""
+
+import math
+import time
+from pathlib import Path
+
+import ray
+import yaml
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.queue import Queue
+
+from .config import Config
+from .data.stream import read_shards, sample_dataset_path, take_validation
+from .families import build_tiny
+from .learner import train_loop_per_worker
+from .preflight import preflight
+from .rollout import RolloutWorker
+from .sync.object_store import WeightStore
+from .tracking import MlflowRun, tracking_uri
+
+
+def train(cfg: Config) -> dict:
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())  # workers may run elsewhere
+    if not ray.is_initialized():
+        ray.init()  # a local Ray, or the cluster named by RAY_ADDRESS (ray job submit)
+    preflight(cfg)
+    model_path = str(build_tiny(cfg.model, run_dir / "tiny_model", cfg.train.seed)) if cfg.model.tiny else cfg.model.path
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    mlflow = MlflowRun.start_or_resume(cfg)
+    mlflow.log_artifact(str(run_dir / "config.yaml"))
+
+    # 1. data
+    dataset, data_stats = read_shards(cfg.data.path or sample_dataset_path(), cfg)
+    validation = take_validation(dataset, cfg)
+
+    # 2. rollout workers (disaggregated modes)
+    loop_config = {"config": cfg.model_dump(mode="json"), "model_path": model_path,
+                   "validation": validation, "tracking": (tracking_uri(cfg), mlflow.run_id)}
+    workers, runs, datasets = [], [], {"train": dataset}
+    rt = cfg.runtime
+    if rt.mode == "disaggregated":
+        store = ray.remote(WeightStore).remote()
+        queue = Queue(maxsize=rt.buffer_size)
+        Worker = ray.remote(RolloutWorker).options(
+            max_concurrency=2, max_restarts=-1, max_task_retries=-1,
+            num_cpus=rt.rollout_resources.get("CPU", 0), num_gpus=rt.rollout_resources.get("GPU", 0),
+            resources={k: v for k, v in rt.rollout_resources.items() if k not in ("CPU", "GPU")})
+        workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i) for i in range(rt.num_rollout_workers)]
+        # strictly on-policy: each snapshot makes just what the learners consume in one step
+        per_version = None if rt.max_staleness > 0 else math.ceil(rt.num_learners / rt.num_rollout_workers)
+        splits = dataset.streaming_split(rt.num_rollout_workers)
+        runs = [w.run.remote(split, store, queue, per_version) for w, split in zip(workers, splits)]
+        loop_config.update(weight_store=store, experience_queue=queue)
+        datasets = {}
+
+    # 3. learner
+    use_gpu = rt.learner_resources.get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=rt.num_learners, use_gpu=use_gpu,
+                                     resources_per_worker=dict(rt.learner_resources)),
+        run_config=RunConfig(
+            name=cfg.train.run_name, storage_path=str(run_dir / "ray_train"),
+            failure_config=FailureConfig(max_failures=rt.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    finally:
+        for w in workers:
+            w.stop.remote()
+    worker_stats = ray.get(runs, timeout=rt.sync_timeout_s) if runs else []
+    seconds = time.perf_counter() - start
+    summary = {
+        "run_dir": str(run_dir),
+        "export": str(run_dir / "export"),
+        "mlflow_tracking_uri": tracking_uri(cfg),
+        "mlflow_run_id": mlflow.run_id,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "final_metrics": result.metrics,
+        "data": data_stats.as_dict() if hasattr(data_stats, "as_dict") else data_stats,
+        "rollout_workers": worker_stats,
+        "seconds": seconds,
+    }
+    mlflow.end("FINISHED")
+    return summary

@@ -1,0 +1,255 @@
+"""The learner: one Ray Train worker, rank r of N, training with DeepSpeed (ZeRO-3 by default).
+
+    setup()  family + weights -> DeepSpeed engine; resume from the last checkpoint
+    train()  the loop, written out:
+                 batch (colocated: own data shard) or experience (disaggregated: buffer)
+                 loss -> backward -> clip + AdamW step (engine) -> EMA teacher
+                 every sync_every: gathered weights -> rollout workers, with a version
+                 metrics (rank 0 -> MLflow), sample grids, checkpoints
+             then export the student.
+
+Every ZeRO-3 gather is a collective: all ranks take part in publishing, sampling,
+checkpointing and export; only rank 0 writes.
+"""
+
+import itertools
+import math
+import time
+from pathlib import Path
+
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+
+from .algorithms.schedules import training_sigmas
+from .algorithms.steps import Batch, colocated_loss, experience_loss
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config
+from .data.stream import iter_batches
+from .families import lora_targets, load_family, pipeline_class
+from .preview import sample_grid_for
+from .sync.buckets import gather_zero3_buckets
+from .sync.object_store import publish_snapshot
+from .tracking import MlflowRun
+from .weights import STUDENT, TEACHER, ema_step, load_state_dict, make_weights
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    learner = Learner(loop_config)
+    learner.setup()
+    learner.train()
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    rt = cfg.runtime
+    zero = {"stage": rt.zero_stage}
+    if rt.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+    }
+
+
+class Learner:
+    def __init__(self, loop_config: dict):
+        self.cfg = Config.model_validate(loop_config["config"])
+        self.model_path = loop_config["model_path"]
+        self.store = loop_config.get("weight_store")  # disaggregated: where snapshots go
+        self.queue = loop_config.get("experience_queue")  # disaggregated: where experiences come from
+        self.validation = loop_config.get("validation")  # (captions, images) for sample grids
+        self.tracking = loop_config.get("tracking")  # (tracking_uri, run_id)
+        self.step = 0
+        self.counters = {"skipped_nonfinite": 0, "dropped_stale": 0}
+
+    # -- setup ---------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if cfg.runtime.torch_threads:
+            torch.set_num_threads(cfg.runtime.torch_threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.family = load_family(cfg.model, self.model_path, device=device)
+        if cfg.model.gradient_checkpointing:
+            self.family.transformer.enable_gradient_checkpointing()
+        self.weights = make_weights(self.family.transformer, cfg.lora, lora_targets(cfg.model.family))
+
+        checkpoint = ray.train.get_checkpoint()
+        state = load_checkpoint(checkpoint, self.weights, self.rank, self.world) if checkpoint else None
+        optimizer = torch.optim.AdamW(
+            self.weights.trainable_parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.weights.module, optimizer=optimizer, config=deepspeed_config(cfg))
+        if state is not None:
+            state.restore_optimizer(self.optimizer)
+            self.step, self.counters = state.step, state.counters
+        self.mlflow = MlflowRun.attach(*self.tracking) if self.rank == 0 and self.tracking else None
+        self.data = ray.train.get_dataset_shard("train") if self.queue is None else None
+        self._sigmas = {}
+
+    def sigmas(self, height: int, width: int) -> torch.Tensor:
+        if (height, width) not in self._sigmas:
+            algo = self.cfg.algorithm
+            self._sigmas[height, width] = training_sigmas(
+                algo.training_sigmas, self.family, height, width, algo.inference_steps)
+        return self._sigmas[height, width]
+
+    # -- the loop ------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.cfg
+        if self.step == 0:
+            self.log_samples()
+        if self.store is not None:
+            self.publish_weights()
+        batches = self.batches()
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            item, waited, dropped = next(batches)
+            t1 = time.perf_counter()
+            if isinstance(item, Batch):
+                _, _, h, w = item.images.shape
+                loss, metrics = colocated_loss(self.family, self.weights, item, self.sigmas(h, w), cfg.algorithm)
+                staleness, rollout_s = 0, 0.0
+            else:
+                loss, metrics = experience_loss(self.family, self.weights, item, cfg.algorithm)
+                staleness, rollout_s = self.step - item.version, item.rollout_seconds
+            if self.all_finite(loss):
+                self.engine.backward(loss)
+                self.engine.step()  # clips to optim.grad_clip, AdamW step, zero grads
+                ema_step(self.weights, cfg.algorithm.ema_decay)
+                self.consecutive_skips = 0
+            else:
+                self.skip_step(loss)
+            self.step += 1
+            compute_s = time.perf_counter() - t1
+            sync = self.publish_weights() if self.store is not None and self.step % cfg.runtime.sync_every == 0 else {}
+            step_s = time.perf_counter() - t0
+            self.counters["dropped_stale"] += dropped
+            images = len(item.captions) if isinstance(item, Batch) else len(item.ids)
+            self.log_step(loss, metrics, images, step_s, compute_s, waited, staleness, rollout_s, sync)
+            if self.step % cfg.train.sample_every == 0 or self.step == cfg.train.steps:
+                self.log_samples()
+            if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps:
+                self.checkpoint()
+        self.export()
+
+    def batches(self):
+        """Yields (Batch or Experience, seconds waited, stale experiences dropped)."""
+        if self.queue is None:
+            index = self.step  # resume: skip ahead in the stream's noise seeds
+            for images, captions, ids in iter_batches(
+                    self.data, self.cfg.train.batch_size, seed=self.cfg.train.seed + self.rank):
+                yield Batch(images, captions, ids, index=index, stream=self.rank, seed=self.cfg.train.seed), 0.0, 0
+                index += 1
+            raise RuntimeError("the training data ran out before train.steps; the stream should repeat")
+        while True:
+            start, dropped = time.perf_counter(), 0
+            while True:
+                exp = self.queue.get(block=True, timeout=self.cfg.runtime.sync_timeout_s)
+                if self.step - exp.version <= self.cfg.runtime.max_staleness:
+                    break
+                dropped += 1  # older than max_staleness versions: never trained on
+            yield exp, time.perf_counter() - start, dropped
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Every rank must agree, or the collectives inside backward would hang."""
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def skip_step(self, loss: torch.Tensor) -> None:
+        self.counters["skipped_nonfinite"] += 1
+        self.consecutive_skips = getattr(self, "consecutive_skips", 0) + 1
+        if self.consecutive_skips >= self.cfg.optim.max_consecutive_skips:
+            raise FloatingPointError(
+                f"{self.consecutive_skips} consecutive steps had a non-finite loss (last {loss.item()}); "
+                f"stopping. The last checkpoint (step {self.step - self.step % self.cfg.train.checkpoint_every}) "
+                "is usable: lower optim.lr or check the data, then re-run to resume.")
+
+    # -- weights out -----------------------------------------------------------------
+    def gathered(self, which: str, prefix: str = ""):
+        """Yields buckets {key: full tensor on CPU} (empty on ranks > 0); all ranks iterate it."""
+        for bucket in gather_zero3_buckets(self.weights.named_parameters(which),
+                                           self.cfg.runtime.sync_bucket_numel, rank0_only=True):
+            yield {prefix + k: v for k, v in bucket.items()}
+
+    def publish_weights(self) -> dict:
+        """Gather the student (and the EMA teacher, if rollout workers compute targets) and publish."""
+        start = time.perf_counter()
+        buckets = self.gathered(STUDENT)
+        if self.cfg.runtime.teacher_targets == "rollout":
+            buckets = itertools.chain(buckets, self.gathered(TEACHER, prefix=f"{TEACHER}/"))
+        nbytes = 0
+        if self.rank == 0:
+            nbytes = publish_snapshot(self.store, self.step, buckets, timeout_s=self.cfg.runtime.sync_timeout_s)
+        else:
+            for _ in buckets:  # take part in every gather
+                pass
+        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": nbytes, "sync/version": self.step}
+
+    def full_state(self, which: str) -> dict:
+        state = {}
+        for bucket in self.gathered(which):
+            state.update(bucket)
+        return state
+
+    def checkpoint(self) -> None:
+        student, teacher = self.full_state(STUDENT), self.full_state(TEACHER)
+        metrics = {"step": self.step}
+        with save_checkpoint(self.rank, self.world, self.step, self.counters, self.optimizer,
+                             student if self.rank == 0 else None, teacher if self.rank == 0 else None) as ckpt:
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    def export(self) -> None:
+        student = self.full_state(STUDENT)
+        if self.rank == 0:
+            out = Path(self.cfg.run_dir) / "export"
+            self.weights.export(out, pipeline_class(self.cfg.model.family), state=student)
+            (Path(self.cfg.run_dir) / "config.resolved.json").write_text(self.cfg.model_dump_json(indent=2))
+            if self.mlflow:
+                self.mlflow.log_artifact(str(out), "export")
+
+    # -- observability -------------------------------------------------------------
+    def log_step(self, loss, metrics, images, step_s, compute_s, waited, staleness, rollout_s, sync) -> None:
+        """Rank-summed throughput, rank-averaged loss; rank 0 logs."""
+        trained = metrics.pop("trained_states")
+        stats = torch.tensor([loss.item() if math.isfinite(loss.item()) else 0.0, trained, images], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(stats)
+        row = {
+            **metrics,
+            "loss": stats[0].item() / self.world,
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "staleness": staleness,
+            "rollout_seconds": rollout_s,
+            "learner/wait_fraction": waited / step_s if step_s else 0.0,
+            "learner/compute_seconds": compute_s,
+            "learner/step_seconds": step_s,
+            "images_per_s": stats[2].item() / step_s,
+            "trained_states_per_s": stats[1].item() / step_s,
+            **{f"count/{k}": v for k, v in self.counters.items()},
+            **sync,
+        }
+        if self.mlflow and self.step % self.cfg.train.log_every == 0:
+            self.mlflow.log_metrics(row, step=self.step)
+        if self.rank == 0:
+            print(f"step {self.step}/{self.cfg.train.steps} loss {row['loss']:.5f} "
+                  f"grad_norm {row['grad_norm']:.3f} {row['images_per_s']:.2f} img/s", flush=True)
+
+    def log_samples(self) -> None:
+        if not self.validation:
+            return
+        grid = sample_grid_for(self.family, self.weights, self.validation, self.cfg)  # every rank samples
+        if self.mlflow:
+            self.mlflow.log_image(grid, f"samples/step_{self.step:06d}.png")

@@ -1,0 +1,36 @@
+"""Sample grids: what users look at instead of reading losses.
+
+One column per validation pair; rows: the target image, the student's few-step sample
+from the caption alone, and the teacher-context sample (caption + target image, EMA
+teacher weights). If the teacher row does not show the concept, D-OPSD cannot teach it
+(method.md, "Known failure modes"): look before spending GPU hours.
+"""
+
+import torch
+
+from .algorithms.sampling import euler_sample
+from .algorithms.steps import velocity_fn
+from .grid import sample_grid
+
+
+@torch.no_grad()
+def preview_samples(family, weights, captions: list[str], images: torch.Tensor, num_steps: int, seed: int = 0):
+    """(student samples, teacher-context samples), images in [-1, 1], same noise for both."""
+    _, _, height, width = images.shape
+    noise = torch.randn(family.latent_shape(len(captions), height, width), generator=torch.Generator().manual_seed(seed))
+    sigmas = family.inference_sigmas(num_steps, height, width)
+    c_s = family.student_context(captions)
+    c_t = family.teacher_context(captions, images)
+    student = family.decode_latents(euler_sample(velocity_fn(family, weights.model, c_s), noise, sigmas))
+    with weights.teacher() as teacher_model:
+        teacher = family.decode_latents(euler_sample(velocity_fn(family, teacher_model, c_t), noise, sigmas))
+    return student.clamp(-1, 1), teacher.clamp(-1, 1)
+
+
+def sample_grid_for(family, weights, validation, cfg):
+    """A labelled PIL grid of target / student / teacher-context samples."""
+    captions, images = validation
+    student, teacher = preview_samples(family, weights, captions, images, cfg.algorithm.inference_steps, cfg.train.seed)
+    rows = [list(images), list(student), list(teacher)]
+    labels = ["target", f"student ({cfg.algorithm.inference_steps} steps)", "teacher context"]
+    return sample_grid(rows, labels, [c[:40] for c in captions])
