@@ -87,6 +87,7 @@ def test_mismatched_text_encoder_is_a_clear_error(tiny):
 def test_processor_expands_the_image_and_uses_the_chat_layout(tiny):
     _, tokenizer, _, encoder = tiny
     processor: VLMProcessor = encoder.processor
+    assert (processor.image_processor.size.shortest_edge, processor.image_processor.size.longest_edge) == (1024, 4096)
     inputs = processor(CAPTIONS, images(0), max_length=128)
     # 64 x 48 at 32*32..64*64 pixels -> 64 x 64 -> a 4 x 4 patch grid -> 4 merged tokens
     assert inputs["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]

@@ -72,8 +72,14 @@ class VLMProcessor:
     @classmethod
     def from_pretrained(cls, path: str | Path, min_pixels: int, max_pixels: int) -> "VLMProcessor":
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # min_pixels / max_pixels as well as size: legacy min_pixels / max_pixels keys in a
+        # preprocessor_config.json would otherwise silently override `size`.
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(
-            str(path), size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+            str(path), size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            min_pixels=min_pixels, max_pixels=max_pixels)
+        size = image_processor.size
+        if (size.shortest_edge, size.longest_edge) != (min_pixels, max_pixels):
+            raise ValueError(f"could not set the VLM image processor to {min_pixels}..{max_pixels} pixels: {size}")
         return cls(tokenizer, image_processor)
 
     def image_tokens(self, grid_thw: torch.Tensor) -> int:

@@ -236,7 +236,11 @@ class ZImageFamily:
         return scheduler.sigmas.float().cpu()
 
     def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The scheduler's own shift (static `shift`, or time_shift with mu when dynamic)."""
+        """The scheduler's own shift (static `shift`, or time_shift with mu when dynamic).
+
+        Only the shift: shift_terminal / karras-style conversions, which Z-Image does not
+        configure, act on whole schedules and are not applied to sampled sigmas.
+        """
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if self.scheduler.config.use_dynamic_shifting:
             return self.scheduler.time_shift(self._mu(height, width), 1.0, sigmas).float()
