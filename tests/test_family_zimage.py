@@ -15,15 +15,6 @@ CAPTIONS = ("a red square", "a blue triangle on grass")
 H, W = 32, 48  # not square, to catch height/width swaps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they cost 10-30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def family(tiny_zimage_dir):
     return ZImageFamily.from_pretrained(

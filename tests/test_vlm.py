@@ -13,15 +13,6 @@ from dopsd_ray.families.vlm import (
 CAPTIONS = ["a cat", "a red square on a blue field"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they cost 10-30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def text_config(tokenizer, layers: int = 2, hidden: int = 16) -> Qwen3Config:
     return Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=layers,
