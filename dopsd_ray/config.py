@@ -145,6 +145,9 @@ class RuntimeConfig(Section):
     offload_optimizer: bool = False
     max_failures: int = Field(2, ge=0)
     torch_threads: int | None = Field(None, ge=1)
+    # Debug: rollout workers fingerprint their student weights in every experience and the
+    # learner checks them against the snapshot it published for that version.
+    debug_check_sync: bool = False
 
     @model_validator(mode="after")
     def _check(self):

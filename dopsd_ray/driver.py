@@ -39,7 +39,8 @@ def train(cfg: Config) -> dict:
     mlflow = MlflowRun.start_or_resume(cfg)
     mlflow.log_artifact(str(run_dir / "config.yaml"))
 
-    # 1. data
+    # 1. data (in a fixed order, so runs with the same seeds see the same batches)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset, data_stats = read_shards(cfg.data.path or sample_dataset_path(), cfg)
     validation = take_validation(dataset, cfg)
 

@@ -13,6 +13,7 @@ checkpointing and export; only rank 0 writes.
 """
 
 import itertools
+import warnings
 import math
 import time
 from pathlib import Path
@@ -29,13 +30,14 @@ from .config import Config
 from .data.stream import iter_batches
 from .families import lora_targets, load_family, pipeline_class
 from .preview import sample_grid_for
-from .sync.buckets import gather_zero3_buckets
+from .sync.buckets import gather_zero3_buckets, weights_digest
 from .sync.object_store import publish_snapshot
 from .tracking import MlflowRun
 from .weights import STUDENT, TEACHER, ema_step, load_state_dict, make_weights
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     learner = Learner(loop_config)
     learner.setup()
     learner.train()
@@ -65,7 +67,8 @@ class Learner:
         self.validation = loop_config.get("validation")  # (captions, images) for sample grids
         self.tracking = loop_config.get("tracking")  # (tracking_uri, run_id)
         self.step = 0
-        self.counters = {"skipped_nonfinite": 0, "dropped_stale": 0}
+        self.counters = {"skipped_nonfinite": 0, "dropped_stale": 0, "sync_checked": 0}
+        self.published_digests: dict[int, str] = {}  # debug_check_sync: version -> student fingerprint
 
     # -- setup ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -158,7 +161,17 @@ class Learner:
                 if self.step - exp.version <= self.cfg.runtime.max_staleness:
                     break
                 dropped += 1  # older than max_staleness versions: never trained on
+            self.check_snapshot(exp)
             yield exp, time.perf_counter() - start, dropped
+
+    def check_snapshot(self, exp) -> None:
+        """debug_check_sync: the worker's weights must be exactly the snapshot of exp.version."""
+        if exp.snapshot_digest is None or exp.version not in self.published_digests:
+            return
+        if exp.snapshot_digest != self.published_digests[exp.version]:
+            raise RuntimeError(f"weight sync check failed: a rollout worker's student weights for version "
+                               f"{exp.version} differ from the learner's gathered snapshot")
+        self.counters["sync_checked"] += 1
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """Every rank must agree, or the collectives inside backward would hang."""
@@ -187,6 +200,9 @@ class Learner:
         """Gather the student (and the EMA teacher, if rollout workers compute targets) and publish."""
         start = time.perf_counter()
         buckets = self.gathered(STUDENT)
+        if self.cfg.runtime.debug_check_sync and self.rank == 0:
+            buckets = list(buckets)
+            self.published_digests[self.step] = weights_digest({k: v for b in buckets for k, v in b.items()})
         if self.cfg.runtime.teacher_targets == "rollout":
             buckets = itertools.chain(buckets, self.gathered(TEACHER, prefix=f"{TEACHER}/"))
         nbytes = 0

@@ -24,6 +24,7 @@ from .algorithms.steps import Batch, make_experience
 from .config import Config
 from .data.stream import iter_batches
 from .families import lora_targets, load_family
+from .sync.buckets import weights_digest
 from .sync.object_store import fetch_snapshot
 from .weights import STUDENT, TEACHER, load_state_dict, make_weights, state_dict
 
@@ -77,6 +78,8 @@ class RolloutWorker:
         sigmas = training_sigmas(algo.training_sigmas, self.family, h, w, algo.inference_steps)
         with_targets = self.cfg.runtime.teacher_targets == "rollout"
         exp = make_experience(self.family, self.weights, batch, sigmas, algo, self.version, with_targets)
+        if self.cfg.runtime.debug_check_sync:
+            exp.snapshot_digest = weights_digest(state_dict(self.weights, STUDENT))
         self.produced += 1
         return exp
 

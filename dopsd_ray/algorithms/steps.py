@@ -75,6 +75,7 @@ class Experience:
     noise: torch.Tensor | None = None  # sft: eps
     sft_sigmas: torch.Tensor | None = None  # sft: (B,)
     rollout_seconds: float = 0.0
+    snapshot_digest: str | None = None  # debug: fingerprint of the worker's student weights
 
     @property
     def num_trained_states(self) -> int:

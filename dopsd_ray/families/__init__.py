@@ -26,6 +26,8 @@ def load_family(model: ModelConfig, path: str | Path | None = None, device: str 
         return Flux2KleinFamily.from_pretrained(
             path, teacher_context=model.teacher_context, teacher_vlm_path=model.teacher_vlm_path,
             dtype=dtype, device=device, max_sequence_length=model.max_sequence_length,
+            teacher_max_sequence_length=model.teacher_max_sequence_length,
+            vlm_min_pixels=model.vlm_min_pixels, vlm_max_pixels=model.vlm_max_pixels,
         )
     raise ValueError(f"unknown model family {model.family!r}; known: zimage, flux2_klein")
 

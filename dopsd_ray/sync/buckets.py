@@ -133,3 +133,20 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         if not same:
             diff = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
             raise AssertionError(f"weights differ at {name!r}: max |a - b| = {diff:.3g} > atol {atol}")
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short exact fingerprint of a state dict (names, dtypes, shapes and bytes), order-free.
+
+    The debug check that a rollout worker holds exactly the learner's snapshot: both
+    sides digest their copy and compare, without shipping the weights back.
+    """
+    import hashlib
+
+    per_key = []
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h = hashlib.sha256(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        per_key.append(h.digest())
+    return hashlib.sha256(b"".join(per_key)).hexdigest()[:16]
