@@ -82,17 +82,28 @@ def test_async_never_trains_on_experiences_older_than_max_staleness(out):
     assert history(client, summary, "count/sync_checked")[-1][1] == 4
 
 
-@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
-def test_sft_baseline_runs_on_the_same_data_path(out, mode):
-    summary, client = run(out, f"sft-{mode}", "algorithm.name=sft", f"runtime.mode={mode}",
-                          "runtime.num_rollout_workers=1")
-    assert len(history(client, summary, "loss/sft")) == 3
-
-
-def test_two_learner_ranks_with_zero3(out):
-    summary, client = run(out, "zero3x2", "runtime.num_learners=2", "runtime.zero_stage=3", "train.batch_size=1")
-    assert [s for s, _ in history(client, summary, "loss")] == [1, 2, 3]
+def test_sft_baseline_on_two_learner_ranks_with_zero3(out):
+    summary, client = run(out, "sft-zero3x2", "algorithm.name=sft", "runtime.num_learners=2",
+                          "runtime.zero_stage=3", "train.batch_size=1")
+    assert [s for s, _ in history(client, summary, "loss/sft")] == [1, 2, 3]
     assert history(client, summary, "images_per_s")
+    assert (Path(summary["export"]) / "pytorch_lora_weights.safetensors").is_file()
+
+
+FLUX = ["model.family=flux2_klein", "model.max_sequence_length=160", "algorithm.training_sigmas=inference"]
+
+
+def test_flux2_klein_colocated_dopsd_with_reference_teacher(out):
+    summary, client = run(out, "flux-colocated", *FLUX)
+    assert len(history(client, summary, "loss/dopsd")) == 3
+    # klein's native 4-step schedule: 4 trained states per roll-out
+    assert sum(1 for k in client.get_run(summary["mlflow_run_id"]).data.metrics if k.startswith("loss/state_")) == 4
+
+
+def test_flux2_klein_async_sft(out):
+    summary, client = run(out, "flux-async-sft", *FLUX, "algorithm.name=sft", "runtime.mode=disaggregated",
+                          "runtime.num_rollout_workers=1", "runtime.max_staleness=1")
+    assert [v <= 1 for _, v in history(client, summary, "staleness")] == [True] * 3
 
 
 def test_rerun_with_the_same_name_resumes_in_the_same_mlflow_run(out, colocated):
