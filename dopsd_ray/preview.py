@@ -31,6 +31,17 @@ def sample_grid_for(family, weights, validation, cfg):
     """A labelled PIL grid of target / student / teacher-context samples."""
     captions, images = validation
     student, teacher = preview_samples(family, weights, captions, images, cfg.algorithm.inference_steps, cfg.train.seed)
+    return preview_grid(captions, images, student, teacher, cfg.algorithm.inference_steps)
+
+
+def preview_grid(captions: list[str], images: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, num_steps: int):
+    """The grid of sample_grid_for from samples already drawn: rows target / student / teacher."""
     rows = [list(images), list(student), list(teacher)]
-    labels = ["target", f"student ({cfg.algorithm.inference_steps} steps)", "teacher context"]
+    labels = ["target", f"student ({num_steps} steps)", "teacher context"]
     return sample_grid(rows, labels, [c[:40] for c in captions])
+
+
+def pixel_gaps(samples: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Per item, the mean absolute difference to its target in 0-255 pixel units (images in [-1, 1])."""
+    diff = (samples.float().clamp(-1, 1) - targets.float().clamp(-1, 1)).abs() * 127.5
+    return diff.flatten(1).mean(1).tolist()

@@ -1,0 +1,106 @@
+"""Look at the teacher before training: can the model render your concept in context?
+
+    python jobs/preview_teacher.py                                      # tiny model, bundled data
+    python jobs/preview_teacher.py --config configs/zimage_turbo_lora.yaml data.path=/data/shards --num 8
+
+D-OPSD can only teach what the teacher (the same model given caption + target image)
+already renders (docs: method.md, "Known failure modes"). This draws N training pairs,
+samples each at the family's few-step setting from the fresh weights (LoRA at its
+initialisation = the base model, teacher = student) twice, with the same noise: from the
+caption alone (what the student does now) and from the teacher context. It writes a grid,
+rows target / student / teacher context, and prints per pair how far each sample is from
+its target (mean absolute pixel difference, 0-255).
+
+Overrides are section.key=value (YAML values), as for jobs/train.py.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing, e.g. under `ray job submit`
+
+from dopsd_ray.config import ConfigError, load_config  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/tiny.yaml)")
+    parser.add_argument("--num", type=int, default=4, help="training pairs to preview (default 4)")
+    parser.add_argument("--out", help="PNG to write (default: <run dir>/preview_teacher.png)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error(f"--num must be at least 1, got {args.num}")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import ray
+    import torch
+
+    from dopsd_ray.data.stream import StreamSpec, read_shards, sample_dataset_path, take_validation
+    from dopsd_ray.families import build_tiny, load_family, lora_targets
+    from dopsd_ray.preview import pixel_gaps, preview_grid, preview_samples
+    from dopsd_ray.weights import make_weights
+
+    if cfg.runtime.torch_threads:
+        torch.set_num_threads(cfg.runtime.torch_threads)
+    run_dir = Path(cfg.run_dir).resolve()
+    out = Path(args.out) if args.out else run_dir / "preview_teacher.png"
+
+    # 1. the model, with fresh weights: the student is the base model, the teacher equals it
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path = str(build_tiny(cfg.model, run_dir / "tiny_model", cfg.train.seed)) if cfg.model.tiny else cfg.model.path
+    try:
+        family = load_family(cfg.model, model_path)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot load model {model_path!r} (model.path): {err}", file=sys.stderr)
+        return 2
+    weights = make_weights(family.transformer, cfg.lora, lora_targets(cfg.model.family))
+
+    # 2. N training pairs of one bucket, read like the trainer reads them
+    data_path = cfg.data.path or sample_dataset_path()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # or the cluster in RAY_ADDRESS
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # as the trainer: the pairs its sample grids show
+    context.enable_progress_bars = False
+    try:
+        dataset, _ = read_shards(data_path, StreamSpec.from_config(cfg, family.pixel_multiple))
+        validation = take_validation(dataset, cfg, count=args.num)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot read training pairs from {data_path!r} (data.path): {err}", file=sys.stderr)
+        return 2
+    if validation is None:
+        print(f"error: no usable training pairs in {data_path!r} (data.path)", file=sys.stderr)
+        return 2
+    captions, images = validation
+
+    # 3. student (caption only) and teacher-context samples, same noise, few-step setting
+    steps = cfg.algorithm.inference_steps
+    student, teacher = preview_samples(family, weights, captions, images, steps, cfg.train.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    preview_grid(captions, images, student, teacher, steps).save(out)
+
+    print(f"teacher preview: {out}")
+    print(f"  {len(captions)} training pairs at {images.shape[-1]}x{images.shape[-2]}, {steps} steps; "
+          "rows: target / student from the caption alone / teacher context (caption + target image)")
+    print("  How to read it: if the teacher row does not show your concept, D-OPSD cannot teach it "
+          "(the teacher is the ceiling); fix the data or the teacher context before training.")
+    print("  mean abs pixel difference to the target (0-255; a teacher much closer than the student "
+          "= the teacher can render it):")
+    for caption, t_gap, s_gap in zip(captions, pixel_gaps(teacher, images), pixel_gaps(student, images)):
+        print(f"    teacher {t_gap:6.1f}   student {s_gap:6.1f}   {caption[:60]!r}")
+    if len(captions) < args.num:
+        print(f"  (asked for {args.num} pairs; the most common bucket held {len(captions)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
