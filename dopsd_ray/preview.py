@@ -18,9 +18,10 @@ def preview_samples(family, weights, captions: list[str], images: torch.Tensor, 
     """(student samples, teacher-context samples), images in [-1, 1], same noise for both."""
     _, _, height, width = images.shape
     noise = torch.randn(family.latent_shape(len(captions), height, width), generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(family.device)  # drawn on the CPU: the same samples on any device
     sigmas = family.inference_sigmas(num_steps, height, width)
     c_s = family.student_context(captions)
-    c_t = family.teacher_context(captions, images)
+    c_t = family.teacher_context(captions, images.to(family.device))
     student = family.decode_latents(euler_sample(velocity_fn(family, weights.model, c_s), noise, sigmas))
     with weights.teacher() as teacher_model:
         teacher = family.decode_latents(euler_sample(velocity_fn(family, teacher_model, c_t), noise, sigmas))
@@ -43,5 +44,5 @@ def preview_grid(captions: list[str], images: torch.Tensor, student: torch.Tenso
 
 def pixel_gaps(samples: torch.Tensor, targets: torch.Tensor) -> list[float]:
     """Per item, the mean absolute difference to its target in 0-255 pixel units (images in [-1, 1])."""
-    diff = (samples.float().clamp(-1, 1) - targets.float().clamp(-1, 1)).abs() * 127.5
+    diff = (samples.detach().cpu().float().clamp(-1, 1) - targets.detach().cpu().float().clamp(-1, 1)).abs() * 127.5
     return diff.flatten(1).mean(1).tolist()

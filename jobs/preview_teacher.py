@@ -15,6 +15,7 @@ Overrides are section.key=value (YAML values), as for jobs/train.py.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/tiny.yaml)")
     parser.add_argument("--num", type=int, default=4, help="training pairs to preview (default 4)")
     parser.add_argument("--out", help="PNG to write (default: <run dir>/preview_teacher.png)")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     if args.num < 1:
@@ -41,10 +43,18 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    from dopsd_ray.data.stream import StreamSpec, read_shards, sample_dataset_path, take_validation
+
+    data_path = cfg.data.path or sample_dataset_path()
+    missing = [p for p in ([data_path] if isinstance(data_path, str) else data_path)
+               if "://" not in p and not Path(p).exists()]
+    if missing:  # before loading anything heavy
+        print(f"error: data.path {', '.join(missing)} does not exist", file=sys.stderr)
+        return 2
+
     import ray
     import torch
 
-    from dopsd_ray.data.stream import StreamSpec, read_shards, sample_dataset_path, take_validation
     from dopsd_ray.families import build_tiny, load_family, lora_targets
     from dopsd_ray.preview import pixel_gaps, preview_grid, preview_samples
     from dopsd_ray.weights import make_weights
@@ -58,16 +68,15 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     model_path = str(build_tiny(cfg.model, run_dir / "tiny_model", cfg.train.seed)) if cfg.model.tiny else cfg.model.path
     try:
-        family = load_family(cfg.model, model_path)
+        family = load_family(cfg.model, model_path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (OSError, ValueError) as err:
         print(f"error: cannot load model {model_path!r} (model.path): {err}", file=sys.stderr)
         return 2
     weights = make_weights(family.transformer, cfg.lora, lora_targets(cfg.model.family))
 
     # 2. N training pairs of one bucket, read like the trainer reads them
-    data_path = cfg.data.path or sample_dataset_path()
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # or the cluster in RAY_ADDRESS
+    if not ray.is_initialized():  # the cluster named by RAY_ADDRESS, or a small local Ray
+        ray.init() if os.environ.get("RAY_ADDRESS") else ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # as the trainer: the pairs its sample grids show
     context.enable_progress_bars = False

@@ -51,6 +51,8 @@ from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import VLMEncoder, build_tiny_vlm, select_hidden_states
 
 PIPELINE_CLASS = Flux2KleinPipeline
+# How users run the stock pipeline (jobs/sample.py): klein's native 4 steps, guidance 1.0 (distilled).
+STOCK_SAMPLING = {"guidance_scale": 1.0, "num_inference_steps": 4}
 # Every attention and feed-forward projection of the double-stream blocks
 # (transformer_blocks.N) and the single-stream blocks (single_transformer_blocks.N).
 # peft matches list entries as name suffixes, without globs. The single blocks' output

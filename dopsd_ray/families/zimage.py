@@ -33,6 +33,8 @@ from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import DEFAULT_VLM, VLMEncoder, build_tiny_vlm, strip_padding
 
 PIPELINE_CLASS = ZImagePipeline
+# How users run the stock pipeline (jobs/sample.py): Turbo's 8 NFE, no CFG (guidance-distilled).
+STOCK_SAMPLING = {"guidance_scale": 0.0, "num_inference_steps": 8}
 # Per block of noise_refiner.N, context_refiner.N and layers.N.
 LORA_TARGETS = [
     "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",

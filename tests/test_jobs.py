@@ -1,0 +1,122 @@
+"""The user-facing entry scripts, each run as a subprocess: jobs/sample.py and jobs/preview_teacher.py."""
+
+import math
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dopsd_ray.algorithms.sampling import euler_sample
+from dopsd_ray.algorithms.steps import velocity_fn
+from dopsd_ray.families.zimage import LORA_TARGETS, PIPELINE_CLASS, STOCK_SAMPLING, ZImageFamily
+from dopsd_ray.grid import MIN_CELL, PAD
+from dopsd_ray.weights import LoraWeights
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, SEED = 32, 3
+PROMPT = "a red circle on a white background"
+
+
+def run_job(script, *args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (1, 3, H, W) -> uint8 (H, W, 3), rounded as the pipeline's postprocess does."""
+    x = (images[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
+    return (x * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def lora_export(tiny_zimage_dir, tmp_path_factory):
+    """A perturbed student LoRA exported like a run's export, plus in-process samples of it and of the base."""
+    family = ZImageFamily.from_pretrained(tiny_zimage_dir)
+    weights = LoraWeights(family.transformer, LORA_TARGETS, rank=4, alpha=8)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in weights.trainable_parameters():  # the teacher adapter keeps the init: the base model
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    path = weights.export(tmp_path_factory.mktemp("export") / "lora", PIPELINE_CLASS)
+
+    noise = torch.randn(family.latent_shape(1, SIZE, SIZE), generator=torch.Generator().manual_seed(SEED))
+    sigmas = family.inference_sigmas(STOCK_SAMPLING["num_inference_steps"], SIZE, SIZE)
+    context = family.student_context([PROMPT])
+    student = family.decode_latents(euler_sample(velocity_fn(family, weights.model, context), noise, sigmas))
+    with weights.teacher() as base_model:
+        base = family.decode_latents(euler_sample(velocity_fn(family, base_model, context), noise, sigmas))
+    return path, to_uint8(student), to_uint8(base)
+
+
+def test_sample_with_lora_matches_the_student_in_process(tiny_zimage_dir, lora_export, tmp_path):
+    path, student, base = lora_export
+    assert np.abs(student.astype(int) - base.astype(int)).max() > 10  # the LoRA changes the image
+    args = ["--model", tiny_zimage_dir, "--family", "zimage", "--size", SIZE, "--seed", SEED, "--prompt", PROMPT]
+    r = run_job("sample.py", *args, "--prompt", "a blue square", "--lora", path.parent, "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pngs = sorted((tmp_path / "a").glob("*.png"))
+    assert [p.name for p in pngs] == ["00_a_red_circle_on_a_white_background.png", "01_a_blue_square.png", "grid.png"]
+    assert str(tmp_path / "a" / "grid.png") in r.stdout
+    image = np.asarray(Image.open(pngs[0]).convert("RGB"))
+    assert image.shape == (SIZE, SIZE, 3)
+    assert np.abs(image.astype(int) - student.astype(int)).max() <= 2
+
+    # the .safetensors file instead of its folder (in process: one subprocess start is enough)
+    sample_job = runpy.run_path(str(ROOT / "jobs" / "sample.py"))
+    assert sample_job["main"]([*map(str, args), "--lora", str(path), "--out", str(tmp_path / "b")]) == 0
+    image = np.asarray(Image.open(tmp_path / "b" / pngs[0].name).convert("RGB"))
+    assert np.abs(image.astype(int) - student.astype(int)).max() <= 2
+
+
+def test_sample_errors_name_the_problem(tiny_zimage_dir, lora_export, tmp_path):
+    path, _, _ = lora_export
+    common = ["--model", tiny_zimage_dir, "--prompt", PROMPT, "--out", tmp_path / "x"]
+    cases = [
+        (["--family", "zimage", "--lora", tmp_path / "missing"], "--lora .*missing: no such file"),
+        (["--family", "zimage", "--lora", path, "--transformer", path.parent], "not both"),
+        (["--family", "sdxl", "--lora", path], "unknown --family 'sdxl'"),
+        (["--family", "zimage"], "--lora DIR_OR_FILE"),
+        (["--family", "zimage", "--transformer", tmp_path], "no config.json"),
+    ]
+    for args, message in cases:
+        r = run_job("sample.py", *common, *args, timeout=60)
+        assert r.returncode == 2 and re.search(message, r.stderr), (args, r.stderr)
+    assert not (tmp_path / "x").exists()
+
+
+def test_preview_teacher_writes_a_three_row_grid(tmp_path):
+    out = tmp_path / "preview.png"
+    r = run_job("preview_teacher.py", "--config", ROOT / "configs" / "tiny.yaml", "--num", 2, "--out", out,
+                f"train.output_dir={tmp_path}", "model.tiny=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert str(out) in r.stdout and "D-OPSD cannot teach it" in r.stdout
+    gaps = re.findall(r"teacher +([\d.]+) +student +([\d.]+)", r.stdout)
+    assert len(gaps) == 2 and all(0 <= float(g) <= 255 for pair in gaps for g in pair)
+    assert (tmp_path / "tiny-dopsd" / "tiny_model" / "model_index.json").is_file()  # built where the trainer builds it
+
+    w, h = map(int, re.search(r"2 training pairs at (\d+)x(\d+)", r.stdout).groups())
+    scale = max(1, math.ceil(MIN_CELL / min(w, h)))
+    cell_w, cell_h = w * scale, h * scale
+    grid = Image.open(out)
+    top = grid.height - PAD - 3 * (cell_h + PAD)  # caption strip: 1 to 4 lines of text
+    assert PAD < top < cell_h // 2, (grid.size, cell_h)
+    left = grid.width - PAD - 2 * (cell_w + PAD)  # row labels
+    assert 0 < left < 200, (grid.size, cell_w)
+
+
+def test_preview_teacher_errors_name_the_problem(tmp_path):
+    r = run_job("preview_teacher.py", f"train.output_dir={tmp_path}", "model.family=sdxl", timeout=60)
+    assert r.returncode == 2 and "model.family" in r.stderr, r.stderr
+    r = run_job("preview_teacher.py", "--num", 0, timeout=60)
+    assert r.returncode == 2 and "--num must be at least 1" in r.stderr, r.stderr
+    r = run_job("preview_teacher.py", f"train.output_dir={tmp_path}", f"data.path={tmp_path / 'nope'}", timeout=60)
+    assert r.returncode == 2 and "data.path" in r.stderr and "does not exist" in r.stderr, r.stderr[-2000:]
