@@ -16,6 +16,7 @@ Writes NN_<prompt>.png per prompt and grid.png into --out.
 
 import argparse
 import inspect
+import json
 import re
 import sys
 from pathlib import Path
@@ -71,6 +72,10 @@ def load_pipeline(args, dtype):
     if args.transformer:
         # the pipeline's own transformer class (its __init__ annotation), loaded from the export
         transformer_cls = inspect.signature(pipe_cls).parameters["transformer"].annotation
+        exported = json.loads((Path(args.transformer) / "config.json").read_text()).get("_class_name")
+        if exported != transformer_cls.__name__:
+            raise ValueError(f"--transformer {args.transformer} holds a {exported}, but --family {args.family} "
+                             f"needs a {transformer_cls.__name__}")
         kwargs["transformer"] = transformer_cls.from_pretrained(args.transformer, dtype=dtype)
     pipe = pipe_cls.from_pretrained(args.model, dtype=dtype, **kwargs)
     if args.lora:
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
     for i, prompt in enumerate(args.prompt):
         generator = torch.Generator("cpu").manual_seed(args.seed)  # same noise on any device
         try:
-            image = pipe(prompt, height=args.size, width=args.size, generator=generator,
+            image = pipe(prompt=prompt, height=args.size, width=args.size, generator=generator,
                          max_sequence_length=args.max_sequence_length, **sampling).images[0]
         except ValueError as err:  # e.g. a size the pipeline cannot make
             print(f"error: {err}", file=sys.stderr)

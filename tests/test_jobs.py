@@ -17,7 +17,7 @@ from dopsd_ray.algorithms.sampling import euler_sample
 from dopsd_ray.algorithms.steps import velocity_fn
 from dopsd_ray.families.zimage import LORA_TARGETS, PIPELINE_CLASS, STOCK_SAMPLING, ZImageFamily
 from dopsd_ray.grid import MIN_CELL, PAD
-from dopsd_ray.weights import LoraWeights
+from dopsd_ray.weights import FullWeights, LoraWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, SEED = 32, 3
@@ -75,6 +75,21 @@ def test_sample_with_lora_matches_the_student_in_process(tiny_zimage_dir, lora_e
     assert sample_job["main"]([*map(str, args), "--lora", str(path), "--out", str(tmp_path / "b")]) == 0
     image = np.asarray(Image.open(tmp_path / "b" / pngs[0].name).convert("RGB"))
     assert np.abs(image.astype(int) - student.astype(int)).max() <= 2
+
+
+def test_sample_with_a_full_transformer_export(tiny_zimage_dir, lora_export, tmp_path, capsys):
+    _, _, base = lora_export
+    weights = FullWeights(ZImageFamily.from_pretrained(tiny_zimage_dir).transformer)  # untrained: the base
+    export = weights.export(tmp_path / "full")
+    sample_job = runpy.run_path(str(ROOT / "jobs" / "sample.py"))
+    args = ["--model", str(tiny_zimage_dir), "--size", str(SIZE), "--seed", str(SEED), "--prompt", PROMPT,
+            "--transformer", str(export), "--out", str(tmp_path / "out")]
+    assert sample_job["main"](["--family", "zimage", *args]) == 0
+    image = np.asarray(Image.open(tmp_path / "out" / "00_a_red_circle_on_a_white_background.png").convert("RGB"))
+    assert np.abs(image.astype(int) - base.astype(int)).max() <= 2
+    # a Z-Image transformer under the klein family: refused before any weights load
+    assert sample_job["main"](["--family", "flux2_klein", *args]) == 2
+    assert "holds a ZImageTransformer2DModel, but --family flux2_klein needs" in capsys.readouterr().err
 
 
 def test_sample_errors_name_the_problem(tiny_zimage_dir, lora_export, tmp_path):
