@@ -32,10 +32,12 @@ def check_resources(cfg: Config) -> None:
                    (rt.rollout_resources, rt.num_rollout_workers if rt.mode == "disaggregated" else 0)):
         for k, v in res.items():
             need[k] = need.get(k, 0) + v * n
+    # Ray Data decodes images in tasks of its own: leave it at least one CPU, or the stream starves
+    need["CPU"] = need.get("CPU", 0) + 1
     for k, v in need.items():
         if total.get(k, 0) < v:
             raise ConfigError(
-                f"runtime: the learners and rollout workers need {v:g} {k} but the cluster has "
+                f"runtime: the learners, rollout workers and the data stream need {v:g} {k} but the cluster has "
                 f"{total.get(k, 0):g}; lower runtime.num_learners / runtime.num_rollout_workers or "
                 "their *_resources, or add nodes")
 

@@ -258,3 +258,16 @@ def test_bad_inputs_fail_clearly(family, tiny_dir):
     cfg = model_cfg(tiny_dir)
     with pytest.raises(Exception, match="family"):
         ModelConfig.model_validate({**cfg.model_dump(), "family": "sdxl"})
+
+
+def test_full_finetuning_exports_a_transformer_folder_from_pretrained_loads(family, tmp_path):
+    from diffusers import ZImageTransformer2DModel
+
+    w = make_weights(family.transformer, LoraConfig(enabled=False), LORA_TARGETS)
+    with torch.no_grad():
+        next(iter(w.trainable_parameters())).add_(0.5)
+    folder = w.export(tmp_path / "transformer")
+    loaded = ZImageTransformer2DModel.from_pretrained(str(folder))
+    theirs = dict(loaded.named_parameters())
+    for k, p in w.named_parameters():
+        assert torch.equal(theirs[k], p.detach()), k
