@@ -64,3 +64,13 @@ class Family(Protocol):
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise ValueError naming the problem if images are not usable by this family."""
+
+
+def module_dtype(model: nn.Module) -> torch.dtype:
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Frozen encoders (text encoder, VAE, VLM): eval mode, no grad."""
+    return module.eval().requires_grad_(False)

@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from .base import freeze, module_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import VLMEncoder, build_tiny_vlm, select_hidden_states
 
@@ -153,15 +154,6 @@ def text_ids(batch_size: int, length: int, device=None) -> torch.Tensor:
     return ids.unsqueeze(0).expand(batch_size, -1, -1).to(device)
 
 
-def _module_dtype(model: nn.Module) -> torch.dtype:
-    dtype = getattr(model, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
-
-
-def _freeze(module: nn.Module) -> nn.Module:
-    return module.eval().requires_grad_(False)
-
-
 class Flux2KleinFamily:
     name = "flux2_klein"
 
@@ -192,8 +184,8 @@ class Flux2KleinFamily:
             raise ValueError(f"text_encoder_out_layers {tuple(text_encoder_out_layers)} exceed the text "
                              f"encoder's {n_layers} layers")
         self.transformer = transformer
-        self.vae = _freeze(vae)
-        self.text_encoder = _freeze(text_encoder)
+        self.vae = freeze(vae)
+        self.text_encoder = freeze(text_encoder)
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.is_distilled = is_distilled
@@ -348,7 +340,7 @@ class Flux2KleinFamily:
         b, _, h, w = x.shape
         if len(context) != b:
             raise ValueError(f"context has {len(context)} items for a batch of {b} latents")
-        dtype = _module_dtype(model)
+        dtype = module_dtype(model)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
         timestep = (sigma * self.scheduler.config.num_train_timesteps).to(dtype) / 1000
         tokens, ids = pack(x), image_ids(b, h, w, device=x.device)

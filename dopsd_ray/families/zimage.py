@@ -29,6 +29,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
+from .base import freeze, module_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import DEFAULT_VLM, VLMEncoder, build_tiny_vlm, strip_padding
 
@@ -57,15 +58,6 @@ class ZImageContext:
         return len(self.features)
 
 
-def _module_dtype(model: nn.Module) -> torch.dtype:
-    dtype = getattr(model, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
-
-
-def _freeze(module: nn.Module) -> nn.Module:
-    return module.eval().requires_grad_(False)
-
-
 class ZImageFamily:
     name = "zimage"
 
@@ -84,8 +76,8 @@ class ZImageFamily:
         vlm_max_pixels: int = 768 * 768,
     ):
         self.transformer = transformer
-        self.vae = _freeze(vae)
-        self.text_encoder = _freeze(text_encoder)
+        self.vae = freeze(vae)
+        self.text_encoder = freeze(text_encoder)
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.teacher_vlm_path = teacher_vlm_path
@@ -187,7 +179,7 @@ class ZImageFamily:
 
     def velocity(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: ZImageContext) -> torch.Tensor:
         """v = eps - x0 in float32 from Z-Image's (t = 1 - sigma, output = x0 - eps) transformer."""
-        dtype = _module_dtype(model)
+        dtype = module_dtype(model)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         # 1 - sigma, with the pipeline's exact float32 arithmetic (t = 1000 * sigma; (1000 - t) / 1000).
         timestep = sigma * self.scheduler.config.num_train_timesteps
