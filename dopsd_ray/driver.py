@@ -2,6 +2,7 @@
 
     data     = read_shards(...)                               Ray Data
     workers  = [RolloutWorker actor] * n                      disaggregated only
+    publisher, store = weight_sync(rt, workers)               object store | collective
     learner  = TorchTrainer(train_loop_per_worker, ...)       Ray Train + DeepSpeed
     learner.fit()    # trains, syncs weights to workers, checkpoints, exports
     stop workers; print where the results are
@@ -17,14 +18,24 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
 
-from .config import Config
+from .config import Config, RuntimeConfig
 from .data.stream import read_shards, sample_dataset_path, take_validation
 from .families import build_tiny
 from .learner import train_loop_per_worker
 from .preflight import preflight
 from .rollout import RolloutWorker
-from .sync.object_store import WeightStore
+from .sync.collective import CollectivePublisher
+from .sync.object_store import StorePublisher, WeightStore
 from .tracking import MlflowRun, tracking_uri
+
+
+def weight_sync(rt: RuntimeConfig, workers: list) -> tuple:
+    """The one place runtime.sync_transport is read: (the learner's WeightPublisher, the
+    WeightStore rollout workers poll, or None when snapshots are pushed to them)."""
+    if rt.sync_transport == "collective":  # learner rank 0 + workers as ranks 1..n
+        return CollectivePublisher(workers, rt.sync_bucket_numel, timeout_s=rt.sync_timeout_s), None
+    store = ray.remote(WeightStore).remote()
+    return StorePublisher(store, timeout_s=rt.sync_timeout_s), store
 
 
 def train(cfg: Config) -> dict:
@@ -50,18 +61,18 @@ def train(cfg: Config) -> dict:
     workers, runs, datasets = [], [], {"train": dataset}
     rt = cfg.runtime
     if rt.mode == "disaggregated":
-        store = ray.remote(WeightStore).remote()
         queue = Queue(maxsize=rt.buffer_size)
         Worker = ray.remote(RolloutWorker).options(
             max_concurrency=2, max_restarts=-1, max_task_retries=-1,
             num_cpus=rt.rollout_resources.get("CPU", 0), num_gpus=rt.rollout_resources.get("GPU", 0),
             resources={k: v for k, v in rt.rollout_resources.items() if k not in ("CPU", "GPU")})
         workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i) for i in range(rt.num_rollout_workers)]
+        publisher, store = weight_sync(rt, workers)
         # strictly on-policy: each snapshot makes just what the learners consume in one step
         per_version = None if rt.max_staleness > 0 else math.ceil(rt.num_learners / rt.num_rollout_workers)
         splits = dataset.streaming_split(rt.num_rollout_workers)
         runs = [w.run.remote(split, store, queue, per_version) for w, split in zip(workers, splits)]
-        loop_config.update(weight_store=store, experience_queue=queue)
+        loop_config.update(weight_sync=publisher, experience_queue=queue)
         datasets = {}
 
     # 3. learner

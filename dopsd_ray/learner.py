@@ -5,6 +5,7 @@
                  batch (colocated: own data shard) or experience (disaggregated: buffer)
                  loss -> backward -> clip + AdamW step (engine) -> EMA teacher
                  every sync_every: gathered weights -> rollout workers, with a version
+                     (through a WeightPublisher: object store or collective, runtime.sync_transport)
                  metrics (rank 0 -> MLflow), sample grids, checkpoints
              then export the student.
 
@@ -12,7 +13,6 @@ Every ZeRO-3 gather is a collective: all ranks take part in publishing, sampling
 checkpointing and export; only rank 0 writes.
 """
 
-import itertools
 import warnings
 import math
 import time
@@ -31,7 +31,6 @@ from .data.stream import iter_batches
 from .families import lora_targets, load_family, pipeline_class
 from .preview import sample_grid_for
 from .sync.buckets import gather_zero3_buckets, weights_digest
-from .sync.object_store import publish_snapshot
 from .tracking import MlflowRun
 from .weights import STUDENT, TEACHER, ema_step, load_state_dict, make_weights
 
@@ -62,7 +61,7 @@ class Learner:
     def __init__(self, loop_config: dict):
         self.cfg = Config.model_validate(loop_config["config"])
         self.model_path = loop_config["model_path"]
-        self.store = loop_config.get("weight_store")  # disaggregated: where snapshots go
+        self.publisher = loop_config.get("weight_sync")  # disaggregated: a WeightPublisher (driver.weight_sync)
         self.queue = loop_config.get("experience_queue")  # disaggregated: where experiences come from
         self.validation = loop_config.get("validation")  # (captions, images) for sample grids
         self.tracking = loop_config.get("tracking")  # (tracking_uri, run_id)
@@ -98,6 +97,8 @@ class Learner:
         self.mlflow = MlflowRun.attach(*self.tracking) if self.rank == 0 and self.tracking else None
         self.data = ray.train.get_dataset_shard("train") if self.queue is None else None
         self._sigmas = {}
+        if self.publisher is not None and self.rank == 0:
+            self.publisher.open()  # collective: the rollout workers join the weight-sync group here
 
     def sigmas(self, height: int, width: int) -> torch.Tensor:
         if (height, width) not in self._sigmas:
@@ -111,7 +112,7 @@ class Learner:
         cfg = self.cfg
         if self.step == 0:
             self.log_samples()
-        if self.store is not None:
+        if self.publisher is not None:
             self.publish_weights()
         batches = self.batches()
         while self.step < cfg.train.steps:
@@ -134,7 +135,7 @@ class Learner:
                 self.skip_step(loss)
             self.step += 1
             compute_s = time.perf_counter() - t1
-            sync = self.publish_weights() if self.store is not None and self.step % cfg.runtime.sync_every == 0 else {}
+            sync = self.publish_weights() if self.publisher is not None and self.step % cfg.runtime.sync_every == 0 else {}
             step_s = time.perf_counter() - t0
             self.counters["dropped_stale"] += dropped
             images = len(item.captions) if isinstance(item, Batch) else len(item.ids)
@@ -144,6 +145,8 @@ class Learner:
             if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps:
                 self.checkpoint()
         self.export()
+        if self.publisher is not None and self.rank == 0:
+            self.publisher.close()
 
     def batches(self):
         """Yields (Batch or Experience, seconds waited, stale experiences dropped)."""
@@ -190,32 +193,40 @@ class Learner:
                 "is usable: lower optim.lr or check the data, then re-run to resume.")
 
     # -- weights out -----------------------------------------------------------------
-    def gathered(self, which: str, prefix: str = ""):
+    def gathered(self, named: list):
         """Yields buckets {key: full tensor on CPU} (empty on ranks > 0); all ranks iterate it."""
-        for bucket in gather_zero3_buckets(self.weights.named_parameters(which),
-                                           self.cfg.runtime.sync_bucket_numel, rank0_only=True):
-            yield {prefix + k: v for k, v in bucket.items()}
+        return gather_zero3_buckets(named, self.cfg.runtime.sync_bucket_numel, rank0_only=True)
+
+    def snapshot_parameters(self) -> list:
+        """(key, param) of what rollout workers get: the student, and the EMA teacher
+        (keys prefixed "teacher/") when they compute teacher targets."""
+        named = list(self.weights.named_parameters(STUDENT))
+        if self.cfg.runtime.teacher_targets == "rollout":
+            named += [(f"{TEACHER}/{k}", p) for k, p in self.weights.named_parameters(TEACHER)]
+        return named
 
     def publish_weights(self) -> dict:
-        """Gather the student (and the EMA teacher, if rollout workers compute targets) and publish."""
+        """Gather the snapshot bucket by bucket (every rank) and publish it as version = step (rank 0)."""
         start = time.perf_counter()
-        buckets = self.gathered(STUDENT)
+        named = self.snapshot_parameters()
+        buckets = self.gathered(named)
         if self.cfg.runtime.debug_check_sync and self.rank == 0:
             buckets = list(buckets)
-            self.published_digests[self.step] = weights_digest({k: v for b in buckets for k, v in b.items()})
-        if self.cfg.runtime.teacher_targets == "rollout":
-            buckets = itertools.chain(buckets, self.gathered(TEACHER, prefix=f"{TEACHER}/"))
-        nbytes = 0
+            self.published_digests[self.step] = weights_digest(
+                {k: v for b in buckets for k, v in b.items() if not k.startswith(f"{TEACHER}/")})
+        sync = {"sync/bytes": 0}
         if self.rank == 0:
-            nbytes = publish_snapshot(self.store, self.step, buckets, timeout_s=self.cfg.runtime.sync_timeout_s)
+            sync = self.publisher.publish(self.step, named, buckets)
         else:
             for _ in buckets:  # take part in every gather
                 pass
-        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": nbytes, "sync/version": self.step}
+        seconds = time.perf_counter() - start
+        return {**sync, "sync/seconds": seconds, "sync/version": self.step,
+                "sync/gb_per_s": sync["sync/bytes"] / max(seconds, 1e-9) / 1e9}
 
     def full_state(self, which: str) -> dict:
         state = {}
-        for bucket in self.gathered(which):
+        for bucket in self.gathered(self.weights.named_parameters(which)):
             state.update(bucket)
         return state
 

@@ -8,9 +8,20 @@ each batch into an Experience for the learner:
            batch -> contexts -> K student Euler steps (no grad) [-> teacher targets]
            -> bounded experience queue (blocks while the learner is behind)
 
+Snapshots arrive by runtime.sync_transport:
+- object_store: the roll-out loop polls the WeightStore between roll-outs (fetch_snapshot);
+- collective: learner rank 0 calls join_collective(address, rank) once, then
+  receive_weights(meta) per sync; that runs in the actor's second thread
+  (max_concurrency=2) beside the roll-out loop and only STAGES the snapshot.
+Either way `next_snapshot` is the one place that tells them apart, and the swap
+(load_snapshot, stamping the version) happens only in the loop, between roll-outs.
+
 On-policy mode (max_staleness 0) produces `per_version` experiences per snapshot and
 then waits for the next one. After a restart the worker starts empty (version -1)
-and fetches the latest snapshot before its first roll-out.
+and takes the latest snapshot before its first roll-out. With the object store that
+snapshot is there to fetch. With the collective transport it is not: the restarted
+worker is outside the weight-sync group, its receive_weights fails with an error naming
+the transport, and the learner's next sync fails with it (see sync/collective.py).
 """
 
 import threading
@@ -25,6 +36,7 @@ from .config import Config
 from .data.stream import iter_batches
 from .families import lora_targets, load_family
 from .sync.buckets import weights_digest
+from .sync.collective import CollectiveReceiver
 from .sync.object_store import fetch_snapshot
 from .weights import STUDENT, TEACHER, load_state_dict, make_weights, state_dict
 
@@ -44,6 +56,9 @@ class RolloutWorker:
         self.produced = 0  # experiences made with the current snapshot
         self.stats = {"sync_seconds": 0.0, "sync_bytes": 0, "snapshots": 0}
         self._stop = threading.Event()
+        self.receiver: CollectiveReceiver | None = None  # collective transport only
+        self._staged = None  # collective: (version, state, bytes, seconds) received, not yet swapped in
+        self._staged_lock = threading.Lock()
 
     # -- weights ---------------------------------------------------------------------
     def load_snapshot(self, version: int, state: dict[str, torch.Tensor]) -> None:
@@ -55,17 +70,50 @@ class RolloutWorker:
         self.version, self.produced = version, 0
 
     def update_weights(self, store) -> bool:
-        """Swap in a newer snapshot if the store has one."""
+        """Swap in a newer snapshot if there is one (call only between roll-outs)."""
         start = time.perf_counter()
-        got = fetch_snapshot(store, self.version, timeout_s=self.cfg.runtime.sync_timeout_s)
+        got = self.next_snapshot(store)
         if got is None:
             return False
-        version, state, nbytes = got
+        version, state, nbytes, received_s = got
         self.load_snapshot(version, state)
-        self.stats["sync_seconds"] += time.perf_counter() - start
+        self.stats["sync_seconds"] += received_s + time.perf_counter() - start
         self.stats["sync_bytes"] += nbytes
         self.stats["snapshots"] += 1
         return True
+
+    def next_snapshot(self, store):
+        """(version, state, bytes, seconds spent receiving elsewhere) or None; the one place the
+        transports differ: store is the WeightStore (object_store), or None (collective)."""
+        if store is not None:
+            got = fetch_snapshot(store, self.version, timeout_s=self.cfg.runtime.sync_timeout_s)
+            return None if got is None else (*got, 0.0)
+        with self._staged_lock:
+            staged, self._staged = self._staged, None
+        return staged
+
+    # -- collective transport (called by learner rank 0, in the actor's second thread) ------
+    def join_collective(self, address, rank: int) -> None:
+        """Join the weight-sync group as `rank` (1..n); blocks until the whole group is there."""
+        if self.receiver is not None:  # a restarted learner sets up a new group
+            self.receiver.close()
+        receiver = CollectiveReceiver()
+        receiver.join(address, rank, timeout_s=self.cfg.runtime.sync_timeout_s)
+        self.receiver = receiver
+
+    def receive_weights(self, meta) -> int:
+        """Receive one snapshot (every bucket) and stage it; the roll-out loop swaps it in."""
+        if self.receiver is None:
+            raise RuntimeError(
+                f"rollout worker {self.index} is not in the weight-sync group of runtime.sync_transport="
+                "collective (it restarted after the group was set up, or never joined): it cannot "
+                f"receive version {meta.version}. The collective group is not rebuilt after a rollout-"
+                "worker restart yet; use runtime.sync_transport=object_store where workers restart")
+        start = time.perf_counter()
+        state = self.receiver.receive(meta)
+        with self._staged_lock:  # a newer snapshot replaces one not yet swapped in
+            self._staged = (meta.version, state, meta.nbytes, time.perf_counter() - start)
+        return meta.version
 
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, student weights): the debug check that rollout = learner weights."""
@@ -84,7 +132,11 @@ class RolloutWorker:
         return exp
 
     def run(self, data, store, queue, per_version: int | None) -> dict:
-        """Produce experiences until stop(); returns this worker's stats."""
+        """Produce experiences until stop(); returns this worker's stats.
+
+        store: the WeightStore to poll (object_store), or None: snapshots arrive through
+        receive_weights (collective).
+        """
         cfg = self.cfg
         batches = iter_batches(data, cfg.train.batch_size, seed=cfg.train.seed + self.index)
         index = 0
@@ -114,7 +166,8 @@ class RolloutWorker:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"rollout worker {self.index}: no new weight snapshot after version {self.version} "
-                    f"within runtime.sync_timeout_s={self.cfg.runtime.sync_timeout_s} s")
+                    f"within runtime.sync_timeout_s={self.cfg.runtime.sync_timeout_s} s "
+                    f"(runtime.sync_transport={self.cfg.runtime.sync_transport})")
             time.sleep(0.05)
 
     def stop(self) -> None:

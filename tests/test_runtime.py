@@ -29,7 +29,8 @@ def out(tmp_path_factory):
 
 def run(out, name, *overrides, steps=3):
     cfg = load_config(TINY, [f"train.output_dir={out}", f"train.run_name={name}", f"train.steps={steps}",
-                             "train.sample_every=1000", "train.checkpoint_every=2", *overrides])
+                             "train.sample_every=1000", "train.checkpoint_every=2",
+                             "runtime.sync_timeout_s=120", "runtime.max_failures=0", *overrides])
     summary = train(cfg)
     client = MlflowClient(summary["mlflow_tracking_uri"])
     return summary, client
@@ -80,6 +81,22 @@ def test_async_never_trains_on_experiences_older_than_max_staleness(out):
     staleness = [v for _, v in history(client, summary, "staleness")]
     assert len(staleness) == 4 and max(staleness) <= 1
     assert history(client, summary, "count/sync_checked")[-1][1] == 4
+
+
+def test_collective_weight_sync_on_policy_with_teacher_targets(out):
+    # one rollout worker: with two, a worker that stops can leave the other blocked in the
+    # streaming split's epoch barrier, and the driver then waits sync_timeout_s for its stats
+    summary, client = run(out, "collective", "runtime.mode=disaggregated", "runtime.num_rollout_workers=1",
+                          "runtime.max_staleness=0", "runtime.sync_transport=collective",
+                          "runtime.teacher_targets=rollout", "runtime.debug_check_sync=true")
+    assert all(v == 0 for _, v in history(client, summary, "staleness"))
+    # every trained experience's weights were exactly the broadcast snapshot of its version
+    assert history(client, summary, "count/sync_checked")[-1][1] == 3
+    for key in ("sync/seconds", "sync/bytes"):
+        assert [s for s, _ in history(client, summary, key)] == [1, 2, 3], key
+        assert all(v > 0 for _, v in history(client, summary, key)), key
+    # the final broadcast (student + EMA teacher) reached the worker, stamped with the step
+    assert summary["rollout_workers"][0]["version"] == 3 and summary["rollout_workers"][0]["sync_bytes"] > 0
 
 
 def test_sft_baseline_on_two_learner_ranks_with_zero3(out):

@@ -25,6 +25,7 @@ from dopsd_ray.sync.buckets import (
 from dopsd_ray.sync.collective import (
     CollectiveReceiver,
     CollectiveSender,
+    WeightSyncError,
     describe_snapshot,
     pack_bucket,
     unpack_bucket,
@@ -346,3 +347,27 @@ def test_gather_zero3_buckets_under_a_real_deepspeed_zero3_engine(local_ray):
         assert_same_weights(out[0]["original"], stepped)
     for r in ranks:
         ray.kill(r)
+
+
+def test_collective_send_fails_at_once_when_a_workers_receive_call_fails(local_ray):
+    """A restarted worker refuses receive_weights (it is outside the group): no waiting out the timeout."""
+    timeout_s = 30.0
+    sender = CollectiveSender(num_receivers=1, timeout_s=timeout_s, device="cpu")
+    address = sender.open()
+    receiver = CollectiveReceiver(device="cpu")
+    joining = threading.Thread(target=receiver.join, args=(address, 1, timeout_s))
+    joining.start()
+    sender.connect()
+    joining.join()
+
+    @ray.remote(num_cpus=0)
+    def refuse():
+        raise RuntimeError("not in the weight-sync group of runtime.sync_transport=collective")
+
+    state = {"big": torch.randn(1 << 22)}  # larger than socket buffers: the broadcast waits for rank 1
+    meta = describe_snapshot(4, state.items(), 1 << 22)
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"(?s)version 4.*runtime.sync_transport=collective"):
+        sender.send(meta, split_into_buckets(state, 1 << 22), pending=[refuse.remote()])
+    assert time.monotonic() - start < timeout_s / 2
+    receiver.close()

@@ -1,14 +1,37 @@
 """Weight sync: learner -> rollout workers, one file per transport, a version on every snapshot.
 
 - buckets.py       plan/split buckets, gather ZeRO-3 params bucket by bucket, assert_same_weights
-- object_store.py  WeightStore actor + publish_snapshot / fetch_snapshot (works everywhere)
+- object_store.py  WeightStore actor + publish_snapshot / fetch_snapshot (works everywhere);
+                   StorePublisher, the learner's end
 - collective.py    CollectiveSender / CollectiveReceiver: a separate gloo (CPU) / NCCL (GPU)
-                   group of learner rank 0 + rollout workers, one broadcast per bucket
+                   group of learner rank 0 + rollout workers, one broadcast per bucket;
+                   CollectivePublisher, the learner's end
 
-Import the transports from their modules (`from dopsd_ray.sync.object_store import ...`):
-this package file imports nothing heavy.
+The learner sees either transport as a `WeightPublisher` (below); the driver picks one
+(driver.weight_sync, runtime.sync_transport). Import the transports from their modules
+(`from dopsd_ray.sync.object_store import ...`): this package file imports nothing heavy.
 """
+
+from collections.abc import Iterable
+from typing import Protocol
 
 from .buckets import assert_same_weights, gather_zero3_buckets, plan_buckets, split_into_buckets
 
-__all__ = ["assert_same_weights", "gather_zero3_buckets", "plan_buckets", "split_into_buckets"]
+__all__ = ["WeightPublisher", "assert_same_weights", "gather_zero3_buckets", "plan_buckets", "split_into_buckets"]
+
+
+class WeightPublisher(Protocol):
+    """Learner rank 0's end of a weight transport (StorePublisher, CollectivePublisher)."""
+
+    def open(self) -> None:
+        """Set up, once per learner process, before the first publish."""
+
+    def publish(self, version: int, named: list, buckets: Iterable[dict]) -> dict:
+        """Ship one snapshot, stamped `version`, and return metrics (at least "sync/bytes").
+
+        `buckets` yields {name: full tensor}, gathered from the (name, tensor) list `named`
+        with runtime.sync_bucket_numel; it may be a generator that runs ZeRO-3 gathers.
+        """
+
+    def close(self) -> None:
+        """Tear down at the end of training."""

@@ -40,8 +40,21 @@ flat contiguous byte tensor each):
 
 Timeouts: every wait (join, each broadcast, the workers' replies) has a deadline;
 a worker that died or never calls receive() makes `send` raise TimeoutError naming
-the transport and the version instead of hanging the learner. After a failure the
-group is unusable: close() both sides and set it up again, then re-publish.
+the transport and the version instead of hanging the learner; a worker whose
+receive call fails (e.g. it restarted and is no longer in the group) makes `send`
+raise WeightSyncError at once, with the worker's error. After a failure the group is
+unusable: close() both sides and set it up again, then re-publish.
+
+The learner uses all of the above through `CollectivePublisher` (the `WeightPublisher`
+protocol of sync/__init__.py), built with the rollout worker handles, whose actor class
+provides `join_collective(address, rank)` and `receive_weights(meta)` (rollout.py).
+
+Rollout-worker restarts: a restarted worker is a new process outside the group, and the
+group cannot grow back by itself. The learner's next sync then fails with an error
+naming this transport (the worker's receive_weights refuses, and `send` stops waiting).
+Nothing rebuilds the group yet: a learner restart by Ray Train's FailureConfig runs
+`CollectivePublisher.open()` again, which may or may not succeed (untested). Use the
+object-store transport where rollout workers restart often.
 """
 
 import datetime
@@ -134,6 +147,10 @@ def unpack_bucket(spec: BucketSpec, flat: torch.Tensor) -> dict[str, torch.Tenso
     return {t.name: flat[t.offset:t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in spec.tensors}
 
 
+class WeightSyncError(RuntimeError):
+    """A rollout worker's receive call failed during a collective sync; the group is closed."""
+
+
 class CollectiveSender:
     """Learner rank 0's end of the weight-sync group (rank 0 of it)."""
 
@@ -143,6 +160,7 @@ class CollectiveSender:
         self.device = _pick_device(device)
         self._store = None
         self._group = None
+        self._abandoned: list = []
         self.address: GroupAddress | None = None
 
     def open(self) -> GroupAddress:
@@ -189,18 +207,28 @@ class CollectiveSender:
             if i >= len(meta.buckets):
                 raise ValueError(f"{what}: more buckets than the {len(meta.buckets)} in the metadata")
             flat = pack_bucket(meta.buckets[i], bucket, self.device)
-            self._broadcast(flat, f"{what}, bucket {i + 1}/{len(meta.buckets)}")
+            self._broadcast(flat, f"{what}, bucket {i + 1}/{len(meta.buckets)}", pending)
             count += 1
         if count != len(meta.buckets):
             raise ValueError(f"{what}: got {count} buckets, the metadata announced {len(meta.buckets)}")
-        _wait_refs(pending, time.monotonic() + self.timeout_s, what)
+        try:
+            _wait_refs(pending, time.monotonic() + self.timeout_s, what)
+        except (TimeoutError, WeightSyncError):
+            self.close()
+            raise
         seconds = time.perf_counter() - start
         return {"sync/seconds": seconds, "sync/bytes": meta.nbytes, "sync/version": meta.version,
                 "sync/buckets": count, "sync/gb_per_s": meta.nbytes / max(seconds, 1e-9) / 1e9}
 
-    def _broadcast(self, flat: torch.Tensor, what: str) -> None:
+    def _broadcast(self, flat: torch.Tensor, what: str, pending: list[ray.ObjectRef] = ()) -> None:
+        """One bucket; while it is in flight, a receive call in `pending` that failed fails it at once
+        (WeightSyncError; the group is abandoned, not closed, so the error comes without delay)."""
         try:
-            _wait_work(self._group.broadcast([flat], _root0()), time.monotonic() + self.timeout_s)
+            _wait_work(self._group.broadcast([flat], _root0()), time.monotonic() + self.timeout_s,
+                       check=lambda: _raise_if_failed(pending, what))
+        except WeightSyncError:
+            self._abandon()
+            raise
         except (RuntimeError, TimeoutError) as e:
             self.close()
             raise TimeoutError(f"{what}: a rollout worker did not take part within {self.timeout_s} s "
@@ -209,6 +237,43 @@ class CollectiveSender:
     def close(self) -> None:
         _close(self._group)
         self._group, self._store = None, None
+
+    def _abandon(self) -> None:
+        """Drop the group with a broadcast still in flight: closing it (or its destructor) would
+        wait that broadcast out to its timeout, so a reference stays here until the process ends."""
+        self._abandoned.append((self._group, self._store))
+        self._group, self._store = None, None
+
+
+class CollectivePublisher:
+    """Learner rank 0's end of the collective transport, with the rollout worker handles.
+
+    Picklable until open() (it travels to the learner in train_loop_config); open() and
+    publish() run in the learner rank 0 process. Worker i is rank i + 1 of the group.
+    """
+
+    def __init__(self, workers: list, bucket_numel: int, timeout_s: float = 60.0):
+        self.workers, self.bucket_numel, self.timeout_s = list(workers), bucket_numel, timeout_s
+        self.sender: CollectiveSender | None = None
+
+    def open(self) -> None:
+        """Set up the group: every worker joins (`join_collective`), or TimeoutError."""
+        self.sender = CollectiveSender(num_receivers=len(self.workers), timeout_s=self.timeout_s)
+        address = self.sender.open()
+        joins = [w.join_collective.remote(address, rank=i + 1) for i, w in enumerate(self.workers)]
+        self.sender.connect(pending=joins)
+
+    def publish(self, version: int, named: list[tuple[str, torch.Tensor]],
+                buckets: Iterable[dict[str, torch.Tensor]]) -> dict:
+        """`named`: the (name, tensor) list `buckets` was gathered from, with the same bucket_numel."""
+        meta = describe_snapshot(version, named, self.bucket_numel)
+        refs = [w.receive_weights.remote(meta) for w in self.workers]  # metadata first, via Ray
+        return self.sender.send(meta, buckets, pending=refs)
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+        self.sender = None
 
 
 class CollectiveReceiver:
@@ -295,13 +360,34 @@ def _handshake(group, device: torch.device, deadline: float) -> None:
     _wait_work(group.broadcast([torch.zeros(1, device=device)], _root0()), deadline)
 
 
-def _wait_work(work, deadline: float) -> None:
-    """Wait for an async collective until `deadline` (monotonic); re-raise its error if it failed."""
+def _wait_work(work, deadline: float, check=None, check_every_s: float = 0.05) -> None:
+    """Wait for an async collective until `deadline` (monotonic); re-raise its error if it failed.
+
+    `check()`, called every `check_every_s` while waiting, may raise to give up early.
+    """
+    next_check = time.monotonic()
     while not work.is_completed():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise TimeoutError("collective did not complete before the deadline")
+        if check is not None and now >= next_check:
+            check()
+            next_check = now + check_every_s
         time.sleep(0.0005)
     work.wait()
+
+
+def _raise_if_failed(refs, what: str) -> None:
+    """WeightSyncError if any of the workers' receive calls has already failed."""
+    if not refs:
+        return
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as e:
+            raise WeightSyncError(f"{what}: a rollout worker's receive failed, so the broadcast cannot "
+                                  f"complete; the group is closed ({e})") from e
 
 
 def _wait_refs(refs, deadline: float, what: str) -> None:
@@ -311,6 +397,8 @@ def _wait_refs(refs, deadline: float, what: str) -> None:
         ray.get(list(refs), timeout=max(deadline - time.monotonic(), 0.0))
     except ray.exceptions.GetTimeoutError as e:
         raise TimeoutError(f"{what}: the rollout workers did not answer in time") from e
+    except ray.exceptions.RayError as e:
+        raise WeightSyncError(f"{what}: a rollout worker failed ({e})") from e
 
 
 def _root0():

@@ -22,6 +22,8 @@ bucket into the object store plus one copy out per worker.
 `WeightStore` is a plain class: make it an actor at the call site,
 `store = ray.remote(WeightStore).remote()`. `publish_snapshot` / `fetch_snapshot` take
 either that handle or a plain in-process WeightStore (tests, a debugger).
+`StorePublisher` is the learner's face of this transport (the `WeightPublisher`
+protocol of sync/__init__.py); rollout workers poll with `fetch_snapshot`.
 """
 
 import time
@@ -68,6 +70,23 @@ class WeightStore:
     def stats(self) -> dict:
         return {"version": self._version, "publishes": self.publishes, "rollbacks": self.rollbacks,
                 "buckets": len(self._refs)}
+
+
+class StorePublisher:
+    """Learner rank 0's end of the object-store transport: one `publish_snapshot` per sync."""
+
+    def __init__(self, store: "ActorHandle | WeightStore", timeout_s: float = 60.0):
+        self.store, self.timeout_s = store, timeout_s
+
+    def open(self) -> None:
+        """Nothing to set up: the WeightStore actor exists already, and workers poll it."""
+
+    def publish(self, version: int, named: list, buckets: Iterable[dict[str, torch.Tensor]]) -> dict:
+        """`named` (the layout the buckets follow) is not needed here: buckets carry their names."""
+        return {"sync/bytes": publish_snapshot(self.store, version, buckets, timeout_s=self.timeout_s)}
+
+    def close(self) -> None:
+        """Nothing to tear down: the store keeps the last snapshot for workers that come back."""
 
 
 def publish_snapshot(
