@@ -1,0 +1,65 @@
+"""A bench-size Z-Image-shaped pipeline: the tiny pipeline with a bigger transformer.
+
+The text encoder, VAE and teacher VLM stay tiny (build_tiny_zimage): on CPU the cost
+that matters for D-OPSD vs SFT is the denoiser's forward/backward. The transformer keeps
+Z-Image's layout (noise refiner, context refiner, main blocks, 3-axis RoPE) at a
+chosen width and depth, with head_dim 64 by default (the real model: dim 3840, 30 heads
+of 128, 30 layers, 2 refiner layers, ~6B parameters).
+
+    path = build_bench_zimage("outputs/bench/zimage-d512-l4", dim=512, layers=4)
+    family = ZImageFamily.from_pretrained(path, max_sequence_length=64, ...)
+
+The directory loads with ZImageFamily.from_pretrained (and model.path=... in a config).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import ZImageTransformer2DModel
+
+from dopsd_ray.families.zimage import build_tiny_zimage
+
+TEXT_HIDDEN = 16  # build_tiny_zimage's Qwen3 hidden size = the transformer's cap_feat_dim
+
+
+def transformer_kwargs(dim: int, layers: int, refiner_layers: int = 1, head_dim: int = 64) -> dict:
+    if dim % head_dim:
+        raise ValueError(f"--dim {dim} must be a multiple of head_dim {head_dim}")
+    if head_dim % 8:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of 8 (RoPE axes split 2:3:3)")
+    axes = [head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8]  # Z-Image: [32, 48, 48] of 128
+    heads = dim // head_dim
+    return dict(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=dim, n_layers=layers,
+        n_refiner_layers=refiner_layers, n_heads=heads, n_kv_heads=heads, cap_feat_dim=TEXT_HIDDEN,
+        axes_dims=axes, axes_lens=[256, 128, 128],
+    )
+
+
+def make_transformer(dim: int, layers: int, refiner_layers: int = 1, seed: int = 0) -> ZImageTransformer2DModel:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformer = ZImageTransformer2DModel(**transformer_kwargs(dim, layers, refiner_layers))
+        with torch.no_grad():  # diffusers may leave these uninitialised (torch.empty) -> NaN outputs
+            transformer.x_pad_token.normal_(std=0.02)
+            transformer.cap_pad_token.normal_(std=0.02)
+    return transformer
+
+
+def build_bench_zimage(path: str | Path, dim: int = 512, layers: int = 4, refiner_layers: int = 1,
+                       seed: int = 0) -> Path:
+    """Build once (reused when the directory already holds this size)."""
+    path = Path(path)
+    stamp = {"dim": dim, "layers": layers, "refiner_layers": refiner_layers, "seed": seed}
+    marker = path / "bench_model.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return path
+    build_tiny_zimage(path, seed=seed)
+    make_transformer(dim, layers, refiner_layers, seed).save_pretrained(path / "transformer", safe_serialization=True)
+    marker.write_text(json.dumps(stamp))
+    return path
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
