@@ -135,8 +135,11 @@ def main(argv=None) -> int:
     host = socket.gethostname()
     started = time.time()
     # PYTHONPATH: the workers import benchmarks.bench_model from this checkout
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: the cluster's Ray
+        ray.init(log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    else:  # a local Ray with room for the actors on a small machine
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     per_ranks = {}
     try:
         for n in [int(x) for x in args.ranks.split(",") if x]:

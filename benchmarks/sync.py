@@ -183,7 +183,10 @@ def main(argv=None) -> int:
 
     host = socket.gethostname()
     states = payloads(args.dim, args.layers, args.lora_rank)
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: the cluster's Ray
+        ray.init(log_to_driver=False)
+    else:  # a local Ray with room for the actors on a small machine
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     started = time.time()
     rows = {}
     try:

@@ -221,7 +221,7 @@ def driver_runs(args, model_path: Path, modes: list[str]) -> dict:
     from dopsd_ray.config import load_config
     from dopsd_ray.driver import train
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):  # else train() joins the cluster's Ray
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     out = {}
     for mode in modes:
