@@ -92,11 +92,12 @@ def colocated_loss(family, weights, batch: Batch, sigmas: torch.Tensor, algo) ->
         c_s = family.student_context(batch.captions)
     if algo.name == "sft":
         with torch.no_grad():
-            x0, noise, s = _sft_inputs(family, batch.images, gen, algo)
+            x0, noise, s = _sft_inputs(family, batch.images.to(family.device), gen, algo)
         return _sft(family, weights, c_s, x0, noise, s)
     with torch.no_grad():
-        c_t = family.teacher_context(batch.captions, batch.images)
-    noise = torch.randn(family.latent_shape(len(batch.captions), height, width), generator=gen)
+        c_t = family.teacher_context(batch.captions, batch.images.to(family.device))
+    # noise is drawn on the CPU (the same numbers on every device), then moved to the model
+    noise = torch.randn(family.latent_shape(len(batch.captions), height, width), generator=gen).to(family.device)
     train = choose_states(len(sigmas) - 1, algo.states_per_rollout, gen)
 
     def teacher(x, sigma):
@@ -111,7 +112,7 @@ def _sft_inputs(family, images, gen, algo):
     """x0 = latents of the target images, eps, and per-sample logit-normal shifted sigmas."""
     _, _, height, width = images.shape
     x0 = family.encode_images(images)
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen).to(family.device)
     sigmas = sample_sft_sigmas(family, x0.shape[0], height, width, gen, algo.sft_logit_mean, algo.sft_logit_std)
     return x0, noise, sigmas
 
@@ -137,11 +138,11 @@ def make_experience(family, weights, batch: Batch, sigmas: torch.Tensor, algo, v
     _, _, height, width = batch.images.shape
     c_s = family.student_context(batch.captions)
     if algo.name == "sft":
-        x0, noise, s = _sft_inputs(family, batch.images, gen, algo)
+        x0, noise, s = _sft_inputs(family, batch.images.to(family.device), gen, algo)
         return Experience(batch.ids, version, "sft", c_s, latents=x0, noise=noise, sft_sigmas=s,
                           rollout_seconds=time.perf_counter() - start)
-    c_t = family.teacher_context(batch.captions, batch.images)
-    noise = torch.randn(family.latent_shape(len(batch.captions), height, width), generator=gen)
+    c_t = family.teacher_context(batch.captions, batch.images.to(family.device))
+    noise = torch.randn(family.latent_shape(len(batch.captions), height, width), generator=gen).to(family.device)
     train = choose_states(len(sigmas) - 1, algo.states_per_rollout, gen)
     states = rollout_states(velocity_fn(family, weights.model, c_s), noise, sigmas)
     targets = None

@@ -26,6 +26,7 @@ class Family(Protocol):
     name: str
     transformer: nn.Module  # the denoiser; LoRA adapters or full training act on it
     pixel_multiple: int  # image sides must be a multiple of this
+    device: torch.device  # where the denoiser and encoders live; callers move inputs there
 
     # -- contexts (always computed without grad) --------------------------------
     def student_context(self, captions: list[str]) -> Any:
