@@ -57,6 +57,15 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
+def peak_memory_bytes() -> int:
+    """Peak GPU memory of this rank, or its peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 class Learner:
     def __init__(self, loop_config: dict):
         self.cfg = Config.model_validate(loop_config["config"])
@@ -265,6 +274,7 @@ class Learner:
             "learner/step_seconds": step_s,
             "images_per_s": stats[2].item() / step_s,
             "trained_states_per_s": stats[1].item() / step_s,
+            "memory/peak_gb_rank0": peak_memory_bytes() / 1e9,
             **{f"count/{k}": v for k, v in self.counters.items()},
             **sync,
         }
