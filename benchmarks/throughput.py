@@ -211,7 +211,8 @@ DRIVER_MODES = {
     "async_rollout": ["runtime.mode=disaggregated", "runtime.max_staleness=1", "runtime.teacher_targets=rollout"],
 }
 DRIVER_METRICS = ["learner/compute_seconds", "learner/step_seconds", "learner/wait_fraction", "images_per_s",
-                  "trained_states_per_s", "rollout_seconds", "sync/seconds", "sync/bytes", "staleness"]
+                  "trained_states_per_s", "rollout_seconds", "sync/seconds", "sync/bytes", "staleness",
+                  "memory/peak_gb_rank0"]
 
 
 def driver_runs(args, model_path: Path, modes: list[str]) -> dict:
