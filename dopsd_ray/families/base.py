@@ -75,3 +75,23 @@ def module_dtype(model: nn.Module) -> torch.dtype:
 def freeze(module: nn.Module) -> nn.Module:
     """Frozen encoders (text encoder, VAE, VLM): eval mode, no grad."""
     return module.eval().requires_grad_(False)
+
+
+def check_image_batch(images, pixel_multiple: int, model_name: str) -> None:
+    """Raise ValueError naming the problem: not a (B, 3, H, W) float tensor in [-1, 1], or a
+    side that is not a multiple of `pixel_multiple` (vae_scale_factor * 2)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
+    if images.shape[1] != 3:
+        raise ValueError(f"images must have 3 (RGB) channels in dim 1, got {images.shape[1]} "
+                         f"(shape {tuple(images.shape)})")
+    for side, value in (("height", images.shape[2]), ("width", images.shape[3])):
+        if value % pixel_multiple:
+            raise ValueError(f"image {side} {value} is not a multiple of {pixel_multiple} "
+                             f"({model_name} needs sides divisible by vae_scale_factor * 2)")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floats in [-1, 1], got dtype {images.dtype}")
+    lo, hi = images.min().item(), images.max().item()
+    if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
+        raise ValueError(f"image values must lie in [-1, 1], got min {lo:.4g} max {hi:.4g}")

@@ -29,7 +29,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
-from .base import freeze, module_dtype
+from .base import check_image_batch, freeze, module_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import DEFAULT_VLM, VLMEncoder, build_tiny_vlm, strip_padding
 
@@ -252,21 +252,7 @@ class ZImageFamily:
         )
 
     def check_images(self, images: torch.Tensor) -> None:
-        if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
-        if images.shape[1] != 3:
-            raise ValueError(f"images must have 3 (RGB) channels in dim 1, got {images.shape[1]} "
-                             f"(shape {tuple(images.shape)})")
-        for side, value in (("height", images.shape[2]), ("width", images.shape[3])):
-            if value % self.pixel_multiple:
-                raise ValueError(f"image {side} {value} is not a multiple of {self.pixel_multiple} "
-                                 f"(Z-Image needs sides divisible by vae_scale_factor * 2)")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floats in [-1, 1], got dtype {images.dtype}")
-        lo, hi = images.min().item(), images.max().item()
-        if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
-            raise ValueError(f"image values must lie in [-1, 1], got min {lo:.4g} max {hi:.4g}")
+        check_image_batch(images, self.pixel_multiple, "Z-Image")
 
 
 # -- tiny builder ----------------------------------------------------------------------
