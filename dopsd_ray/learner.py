@@ -75,6 +75,7 @@ class Learner:
         self.validation = loop_config.get("validation")  # (captions, images) for sample grids
         self.tracking = loop_config.get("tracking")  # (tracking_uri, run_id)
         self.step = 0
+        self.consecutive_skips = 0  # non-finite steps in a row
         self.counters = {"skipped_nonfinite": 0, "dropped_stale": 0, "sync_checked": 0}
         self.published_digests: dict[int, str] = {}  # debug_check_sync: version -> student fingerprint
 
@@ -194,7 +195,7 @@ class Learner:
 
     def skip_step(self, loss: torch.Tensor) -> None:
         self.counters["skipped_nonfinite"] += 1
-        self.consecutive_skips = getattr(self, "consecutive_skips", 0) + 1
+        self.consecutive_skips += 1
         if self.consecutive_skips >= self.cfg.optim.max_consecutive_skips:
             raise FloatingPointError(
                 f"{self.consecutive_skips} consecutive steps had a non-finite loss (last {loss.item()}); "
