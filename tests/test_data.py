@@ -3,12 +3,16 @@
 Pure checks first (no Ray); the stream tests share one real local Ray (2 CPUs).
 """
 
+import functools
 import io
 import json
+import struct
 import subprocess
 import sys
 import tarfile
 import threading
+import time
+import zlib
 from itertools import islice
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import torch
 from PIL import Image
 
 from dopsd_ray.data.sample import write_sample
-from dopsd_ray.data.shards import SCHEMA, prepare_shards
+from dopsd_ray.data.shards import SCHEMA, open_image, prepare_shards
 from dopsd_ray.data.stream import (
     StreamSpec, choose_bucket, decode_batch, decode_row, iter_batches, make_buckets, read_shards,
     sample_dataset_path, take_validation,
@@ -40,6 +44,24 @@ def png(width: int, height: int, colour=(200, 30, 30), mode="RGB", noise=False) 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_header_only(width: int, height: int, pixel_data: bytes = b"") -> bytes:
+    """A PNG whose header says width x height (RGB 8-bit), with `pixel_data` as its one IDAT."""
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + (png_chunk(b"IDAT", pixel_data) if pixel_data else b"") + png_chunk(b"IEND", b""))
+
+
+@functools.lru_cache
+def bomb_png(side: int = 5000) -> bytes:
+    """A decompression bomb: a valid all-black side x side PNG, ~0.3 MB that decodes to side^2 * 3 bytes."""
+    deflate = zlib.compressobj(1)
+    row = b"\0" * (1 + side * 3)  # filter byte + pixels
+    return png_header_only(side, side, b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush())
 
 
 def jpeg(width: int, height: int) -> bytes:
@@ -121,18 +143,31 @@ def test_bad_rows_are_summarised_not_fatal(tmp_path):
     write_pair(folder, "truncated", good[: len(good) // 2], "x")
     write_pair(folder, "zero_bytes", b"", "x")
     write_pair(folder, "huge", png(300, 300), "x")
+    write_pair(folder, "bomb", bomb_png(), "x")
+    write_pair(folder, "zero_width", png_header_only(0, 64, zlib.compress(b"\0" * 64)), "x")  # PIL refuses it
     write_pair(folder, "blank_caption", png(8, 8), "  \n\t\n")
     write_pair(folder, "no_caption", png(8, 8), None)
     summary = prepare_shards(folder, tmp_path / "out", max_pixels=200 * 200)
 
     assert summary.rows_written == 1 and set(read_all(tmp_path / "out")) == {"good"}
-    assert dict(summary.skipped) == {"undecodable_image": 2, "empty_image": 1, "too_large": 1,
+    assert dict(summary.skipped) == {"undecodable_image": 3, "empty_image": 1, "too_large": 2,
                                      "empty_caption": 1, "missing_caption": 1}
     assert any(e.endswith("truncated.png") for e in summary.examples["undecodable_image"])
     assert summary.examples["missing_caption"][0].endswith("no_caption.png")
     text = summary.format()
     for reason in summary.skipped:
         assert reason in text
+
+
+def test_enormous_images_are_refused_by_pixel_count_before_decoding():
+    bomb = bomb_png()  # 5000 x 5000: 0.3 MB of PNG, 75 MB of pixels
+    assert len(bomb) < 1_000_000
+    start = time.perf_counter()
+    assert open_image(bomb, max_pixels=4096 * 4096) == (None, "too_large")
+    assert open_image(png_header_only(100_000, 100_000), max_pixels=4096 * 4096) == (None, "too_large")
+    assert time.perf_counter() - start < 0.5  # the header was read, the pixels never decoded
+    image, reason = open_image(bomb, max_pixels=5000 * 5000)  # within the limit it decodes fully
+    assert reason is None and image.size == (5000, 5000)
 
 
 def test_jsonl_with_several_captions(tmp_path):
@@ -220,6 +255,12 @@ def test_wrong_columns_fail_at_once_naming_the_expected_ones(tmp_path):
         read_shards(tmp_path)
     with pytest.raises(ValueError, match=r"expected columns \['id', 'image', 'captions'\]"):  # inside the map, too
         decode_batch(pa.table({"id": ["a"], "img": [b"x"]}), StreamSpec(), make_buckets(BUDGET, MULTIPLE, 2.0))
+    # the right names with the wrong types: a caption string instead of a list, an int id
+    (tmp_path / "bad.parquet").unlink()
+    pq.write_table(pa.table({"id": [1], "image": [b"x"], "captions": ["hi"]}), tmp_path / "typed.parquet")
+    with pytest.raises(ValueError, match=r"expected columns \['id', 'image', 'captions'\] typed .*"
+                                         r"found id: int64, captions: string"):
+        read_shards(tmp_path)
 
 
 # -- streaming with Ray Data ---------------------------------------------------------------
@@ -243,8 +284,11 @@ def test_bad_rows_in_a_shard_are_dropped_and_counted(ray_local, tmp_path):
         ("good1", png(64, 64), ["ok"]),
         ("good2", png(80, 40), ["ok", "also ok"]),
         ("garbage", b"definitely not an image", ["x"]),
+        ("truncated", png(64, 64, noise=True)[:3000], ["x"]),
+        ("zero_width", png_header_only(0, 64, zlib.compress(b"\0" * 64)), ["x"]),
         ("zero_bytes", b"", ["x"]),
         ("huge", png(200, 200), ["x"]),
+        ("bomb", bomb_png(), ["x"]),
         ("blank", png(64, 64), ["   "]),
         ("no_captions", png(64, 64), []),
         ("null_caption", png(64, 64), [None]),
@@ -256,9 +300,11 @@ def test_bad_rows_in_a_shard_are_dropped_and_counted(ray_local, tmp_path):
 
     assert sorted(r["id"] for r in dataset.iter_rows()) == ["good1", "good2"]
     got = stats.as_dict()
-    assert got["rows_read"] == 8 and got["rows_kept"] == 2
-    assert got["dropped"] == {"undecodable_image": 1, "empty_image": 1, "too_large": 1,
+    assert got["rows_read"] == 11 and got["rows_kept"] == 2
+    assert got["dropped"] == {"undecodable_image": 3, "empty_image": 1, "too_large": 2,
                               "empty_caption": 2, "bad_caption": 1}
+    assert sorted(got["examples"]["undecodable_image"]) == ["garbage", "truncated", "zero_width"]
+    assert sorted(got["examples"]["too_large"]) == ["bomb", "huge"]
     assert got["examples"]["bad_caption"] == ["null_caption"]
     assert sorted(got["examples"]["empty_caption"]) == ["blank", "no_captions"]
 

@@ -42,8 +42,8 @@ EXAMPLES_PER_REASON = 5
 REASONS = {
     "missing_image": "the image file does not exist",
     "empty_image": "the image has zero bytes or zero width/height",
-    "undecodable_image": "PIL cannot decode the image (corrupt, truncated or not an image)",
-    "too_large": "the image has more pixels than max_pixels",
+    "undecodable_image": "PIL cannot decode the image (corrupt, truncated, a header it refuses, or not an image)",
+    "too_large": "the image has more pixels than max_pixels (read from the header, never decoded)",
     "missing_caption": "no same-name .txt next to the image, or no caption in the JSONL line",
     "empty_caption": "every caption is empty or whitespace",
     "bad_caption": "a caption is not a string (or the .txt is not UTF-8)",

@@ -22,7 +22,10 @@ Rows the map stage cannot use (undecodable, empty or too large images; missing, 
 or non-string captions) are dropped, never fatal, and counted per reason in a small
 DropCounter actor that every map task reports to; `stats.as_dict()` reads it at any
 time. Counts accumulate over every pass of the data (each epoch decodes again).
-A shard whose columns are not id, image, captions is a setup error: it fails at once.
+A shard whose columns are not id, image, captions (typed string, binary, list<string>)
+is a setup error: it fails at once, naming the expected columns. An image is checked by
+its header's pixel count before it is decoded, so a decompression bomb (a small file that
+would decode to gigabytes) is dropped as "too_large" without being decoded.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -214,12 +218,30 @@ def list_files(uri: str) -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
 
 
+def check_column_types(schema: pa.Schema, where: str) -> None:
+    """id: string, image: binary, captions: list of strings (large_ variants allowed)."""
+    def ok(name: str, t: pa.DataType) -> bool:
+        if name == "id":
+            return pa.types.is_string(t) or pa.types.is_large_string(t)
+        if name == "image":
+            return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+        return ((pa.types.is_list(t) or pa.types.is_large_list(t))
+                and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)))
+
+    wrong = [f"{n}: {schema.field(n).type}" for n in COLUMNS if not ok(n, schema.field(n).type)]
+    if wrong:
+        raise ValueError(f"{where}: expected columns {list(COLUMNS)} typed id: string, image: binary, "
+                         f"captions: list<string> (write shards with jobs/prepare_data.py); found {', '.join(wrong)}")
+
+
 def check_parquet_columns(files: list[str]) -> None:
     """Every local shard's footer (cheap); only the first remote one (decode_batch checks the rest)."""
     remote = any("://" in f for f in files)
     for f in files[:1] if remote else files:
         fs, path = pafs.FileSystem.from_uri(f) if "://" in f else (None, f)
-        check_columns(pq.read_schema(path, filesystem=fs).names, f)
+        schema = pq.read_schema(path, filesystem=fs)
+        check_columns(schema.names, f)
+        check_column_types(schema, f)
 
 
 def webdataset_sample(sample: dict) -> dict:
