@@ -220,6 +220,20 @@ def test_checkers_catch_a_dashboard_opened_to_the_world(rule):
     assert ssh_problems(rules)
 
 
+@pytest.mark.parametrize("port", sorted(RAY_PORTS))
+@pytest.mark.parametrize("source", [{"IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, {"Ipv6Ranges": [{"CidrIpv6": "::/0"}]}],
+                         ids=["0.0.0.0/0", "::/0"])
+def test_checkers_catch_each_ray_port_opened_to_the_world(port, source):
+    """GCS 6379, dashboard 8265 and Ray client 10001, each alone, over IPv4 and IPv6."""
+    assert set(RAY_PORTS) == {6379, 8265, 10001}
+    cfg = copy.deepcopy(load())
+    cfg["metadata"]["security_group"]["IpPermissions"].append(
+        {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, **source})
+    problems = ray_port_problems(effective_ingress(cfg))
+    assert [p.split(" (")[0] for p in problems] == [f"port {port}"], problems
+    assert world_open_problems(effective_ingress(cfg))
+
+
 def test_checkers_catch_ssh_open_to_the_world_and_foreign_groups():
     cfg = copy.deepcopy(load())
     ssh = next(r for r in cfg["metadata"]["security_group"]["IpPermissions"] if port_range(r) == (22, 22))
