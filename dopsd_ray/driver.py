@@ -6,6 +6,12 @@
     learner  = TorchTrainer(train_loop_per_worker, ...)       Ray Train + DeepSpeed
     learner.fit()    # trains, syncs weights to workers, checkpoints, exports
     stop workers; print where the results are
+
+Faults (README "Faults and what happens"): a bad config or a recipe the cluster cannot
+place fails in preflight, before Ray starts; rollout workers are restartable actors whose
+`run` task is retried on the new process (it re-fetches the latest snapshot); the
+learner group restarts from the last checkpoint up to runtime.max_failures times; a run
+that fails ends its MLflow run as FAILED.
 """
 
 import math
@@ -22,7 +28,7 @@ from .config import Config, RuntimeConfig
 from .data.stream import read_shards, sample_dataset_path, take_validation
 from .families import build_tiny
 from .learner import train_loop_per_worker
-from .preflight import preflight
+from .preflight import check_resources, preflight
 from .rollout import RolloutWorker
 from .sync.collective import CollectivePublisher
 from .sync.object_store import StorePublisher, WeightStore
@@ -39,15 +45,27 @@ def weight_sync(rt: RuntimeConfig, workers: list) -> tuple:
 
 
 def train(cfg: Config) -> dict:
+    preflight(cfg)  # paths, and resources when Ray would start here: fails before any Ray work
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())  # workers may run elsewhere
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster named by RAY_ADDRESS (ray job submit)
-    preflight(cfg)
+    check_resources(cfg)  # against the cluster itself, before any actor or trainer starts
     model_path = str(build_tiny(cfg.model, run_dir / "tiny_model", cfg.train.seed)) if cfg.model.tiny else cfg.model.path
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     mlflow = MlflowRun.start_or_resume(cfg)
+    try:
+        summary = run_pipeline(cfg, run_dir, model_path, mlflow)
+    except BaseException:
+        mlflow.end("FAILED")
+        raise
+    mlflow.end("FINISHED")
+    return summary
+
+
+def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun) -> dict:
+    """Data -> rollout workers -> learner -> export, inside the MLflow run `mlflow`."""
     mlflow.log_artifact(str(run_dir / "config.yaml"))
 
     # 1. data (in a fixed order, so runs with the same seeds see the same batches)
@@ -62,6 +80,7 @@ def train(cfg: Config) -> dict:
     rt = cfg.runtime
     if rt.mode == "disaggregated":
         queue = Queue(maxsize=rt.buffer_size)
+        # a killed worker process is restarted, and its `run` task retried on the new one
         Worker = ray.remote(RolloutWorker).options(
             max_concurrency=2, max_restarts=-1, max_task_retries=-1,
             num_cpus=rt.rollout_resources.get("CPU", 0), num_gpus=rt.rollout_resources.get("GPU", 0),
@@ -96,6 +115,11 @@ def train(cfg: Config) -> dict:
     finally:
         worker_stats = stop_workers(workers, runs)
     seconds = time.perf_counter() - start
+    learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped"}
+    if learner.get("stopped"):  # the learners gave up cleanly (non-finite steps), not a crash
+        last = result.checkpoint.path if result.checkpoint else None
+        raise FloatingPointError(f"{learner['stopped']} Last checkpoint: "
+                                 f"{last or 'none yet (no good step reached train.checkpoint_every)'}")
     summary = {
         "run_dir": str(run_dir),
         "export": str(run_dir / "export"),
@@ -105,9 +129,9 @@ def train(cfg: Config) -> dict:
         "final_metrics": result.metrics,
         "data": data_stats.as_dict() if hasattr(data_stats, "as_dict") else data_stats,
         "rollout_workers": worker_stats,
+        "rollout_restarts": learner.get("counters", {}).get("rollout_restarts", 0),
         "seconds": seconds,
     }
-    mlflow.end("FINISHED")
     return summary
 
 

@@ -1,5 +1,15 @@
-"""Checks that fail fast, before any actor or trainer starts, naming what to fix."""
+"""Checks that fail fast, before any actor or trainer starts, naming what to fix.
 
+`preflight(cfg)` runs before Ray: it checks the paths, and when this process would start
+a local Ray (no RAY_ADDRESS, Ray not initialised) it also checks the recipe against what
+that local Ray would have (CPUs, GPUs), so a recipe this machine cannot place fails
+without starting Ray at all. `check_resources(cfg)` checks against a running cluster
+(ray.cluster_resources()), after `ray.init` connected to it and before any actor starts.
+(Unknown keys, wrong types, out-of-range values and unsupported teacher contexts fail
+earlier still, in config.load_config.)
+"""
+
+import os
 import re
 from pathlib import Path
 
@@ -23,10 +33,9 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"data.path={p!r} does not exist; make shards with jobs/prepare_data.py")
 
 
-def check_resources(cfg: Config) -> None:
-    """Can the cluster place the learner group and the rollout workers at all?"""
+def needed_resources(cfg: Config) -> dict[str, float]:
+    """What the learner group, the rollout workers and the data stream need in total."""
     rt = cfg.runtime
-    total = ray.cluster_resources()
     need: dict[str, float] = {}
     for res, n in ((rt.learner_resources, rt.num_learners),
                    (rt.rollout_resources, rt.num_rollout_workers if rt.mode == "disaggregated" else 0)):
@@ -34,14 +43,56 @@ def check_resources(cfg: Config) -> None:
             need[k] = need.get(k, 0) + v * n
     # Ray Data decodes images in tasks of its own: leave it at least one CPU, or the stream starves
     need["CPU"] = need.get("CPU", 0) + 1
-    for k, v in need.items():
+    return need
+
+
+def local_resources() -> dict[str, float]:
+    """What `ray.init()` would detect on this machine, without starting Ray."""
+    try:
+        from ray._private.utils import get_num_cpus  # honours cgroup CPU limits, as ray.init does
+
+        cpus = float(get_num_cpus())
+    except Exception:
+        cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    gpus = 0.0
+    try:
+        import torch
+
+        gpus = float(torch.cuda.device_count())
+    except Exception:
+        pass
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def check_resources(cfg: Config, total: dict[str, float] | None = None, where: str = "the cluster") -> None:
+    """Can the cluster (or `total`) place the learner group and the rollout workers at all?"""
+    total = ray.cluster_resources() if total is None else total
+    rt = cfg.runtime
+    for k, v in needed_resources(cfg).items():
         if total.get(k, 0) < v:
             raise ConfigError(
-                f"runtime: the learners, rollout workers and the data stream need {v:g} {k} but the cluster has "
-                f"{total.get(k, 0):g}; lower runtime.num_learners / runtime.num_rollout_workers or "
-                "their *_resources, or add nodes")
+                f"runtime: {rt.num_learners} learner(s) x {rt.learner_resources}"
+                + (f", {rt.num_rollout_workers} rollout worker(s) x {rt.rollout_resources}"
+                   if rt.mode == "disaggregated" else "")
+                + f" and the data stream (1 CPU) need {v:g} {k} but {where} has {total.get(k, 0):g}; lower "
+                "runtime.num_learners / runtime.num_rollout_workers or their *_resources, or add nodes")
+
+
+def starts_local_ray() -> bool:
+    """Would `ray.init()` start a new local Ray here (rather than join RAY_ADDRESS, or a
+    cluster `ray start` left on this machine)?"""
+    if ray.is_initialized():
+        return False
+    try:
+        from ray._private.services import canonicalize_bootstrap_address  # what ray.init() itself calls
+
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:
+        return not os.environ.get("RAY_ADDRESS")
 
 
 def preflight(cfg: Config) -> None:
+    """Before Ray: paths; and resources, if this process is about to start a local Ray."""
     check_paths(cfg)
-    check_resources(cfg)
+    if starts_local_ray():
+        check_resources(cfg, local_resources(), where="this machine (the local Ray it would start)")

@@ -1,5 +1,9 @@
 """Config: YAML + overrides, and errors that name the field and what is allowed."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +62,66 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["optim.lr"])
+
+
+BEFORE_RAY = r"""
+import contextlib, io, json, runpy, sys
+import ray
+main = runpy.run_path(sys.argv[1], run_name="jobs_train")["main"]
+results = []
+for args in json.loads(sys.argv[2]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    results.append({"code": code, "stderr": err.getvalue(), "ray_started": ray.is_initialized()})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def run_train_main(cases: list[list[str]]) -> tuple[list[dict], str]:
+    """jobs/train.py's main(args) for each case: exit code, stderr, and whether Ray was started.
+    In this process when Ray is not up here yet (the imports are shared with later tests),
+    else in a fresh one."""
+    import ray
+
+    if ray.is_initialized():
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        done = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(ROOT / "jobs" / "train.py"), json.dumps(cases)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.split("RESULTS ", 1)[1]), done.stderr
+    import contextlib
+    import io
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "jobs" / "train.py"), run_name="jobs_train")["main"]
+    results = []
+    for args in cases:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(args)
+        results.append({"code": code, "stderr": err.getvalue(), "ray_started": ray.is_initialized()})
+    return results, ""
+
+
+def test_bad_configuration_fails_before_any_ray_work_naming_the_field(tmp_path, monkeypatch):
+    """jobs/train.py: every bad configuration exits with code 2 and one `error:` line naming
+    the field, without a traceback; Ray is never started and nothing is written."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = f"train.output_dir={tmp_path / 'runs'}"
+    cases = {
+        "optim.lrr: unknown key": ["optim.lrr=1"],
+        "train.steps: Input should be a valid integer": ["train.steps=many"],
+        "runtime.max_staleness: Input should be greater than or equal to 0": ["runtime.max_staleness=-1"],
+        "not supported by family 'zimage'; allowed: vlm": ["model.teacher_context=reference"],
+        "lower runtime.num_learners": ["runtime.num_learners=64"],  # more learners than this machine has CPUs
+        "model.path='/nonexistent/pipeline': no such directory": ["model.tiny=false", "model.path=/nonexistent/pipeline"],
+        "data.path='/nonexistent/shards' does not exist": ["data.path=/nonexistent/shards"],
+    }
+    results, stderr = run_train_main([[out, *args] for args in cases.values()])
+    for (expected, args), got in zip(cases.items(), results, strict=True):
+        assert got["code"] == 2, (args, got)
+        assert got["stderr"].startswith("error: ") and expected in got["stderr"], (args, got["stderr"])
+        assert not got["ray_started"], args
+    assert "Traceback" not in stderr + "".join(r["stderr"] for r in results)
+    assert not (tmp_path / "runs").exists()  # no run directory, no MLflow store
