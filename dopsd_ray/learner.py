@@ -9,6 +9,18 @@
                  metrics (rank 0 -> MLflow), sample grids, checkpoints
              then export the student.
 
+Faults (README "Faults and what happens"):
+- a non-finite loss (checked on every rank before backward) or non-finite gradients
+  (DeepSpeed ZeRO 1-3 skip the optimizer step when the global grad norm is not finite;
+  stage 0 is checked here) skip the whole step, EMA included, and count it; after
+  optim.max_consecutive_skips in a row every rank stops cleanly, and the driver raises
+  FloatingPointError naming the last checkpoint. No checkpoint is written during a streak.
+- a killed learner rank: Ray Train restarts the group (FailureConfig) and setup()
+  resumes from the newest complete checkpoint (checkpoint.usable_checkpoint), in the
+  same MLflow run; `learner/resumed_from_step` marks where.
+- a restarted rollout worker announces itself with a RolloutRestart in the experience
+  queue: counted in `count/rollout_restarts`.
+
 Every ZeRO-3 gather is a collective: all ranks take part in publishing, sampling,
 checkpointing and export; only rank 0 writes.
 """
@@ -25,21 +37,25 @@ import torch.distributed as dist
 
 from .algorithms.schedules import training_sigmas
 from .algorithms.steps import Batch, colocated_loss, experience_loss
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, ray_upload_fn, save_checkpoint, usable_checkpoint, checkpoint_dir_name
 from .config import Config
 from .data.stream import iter_batches
 from .families import lora_targets, load_family, pipeline_class
 from .preview import sample_grid_for
+from .rollout import RolloutRestart
 from .sync.buckets import gather_zero3_buckets, weights_digest
 from .tracking import MlflowRun
 from .weights import STUDENT, TEACHER, ema_step, load_state_dict, make_weights
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> dict:
+    """Rank 0's return value reaches the driver as Result.return_value: step, counters, and
+    "stopped" (a message) when the learners gave up on non-finite steps."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     learner = Learner(loop_config)
     learner.setup()
-    learner.train()
+    stopped = learner.train()
+    return {"step": learner.step, "counters": dict(learner.counters), "stopped": stopped}
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -66,6 +82,30 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def apply_step(engine, loss: torch.Tensor, all_finite, zero_stage: int, world: int) -> bool:
+    """engine.backward + engine.step unless the loss or the gradients are not finite.
+
+    all_finite(loss) must agree across ranks (Learner.all_finite all-reduces it). With ZeRO
+    stages 1-3 DeepSpeed itself skips the optimizer step when the global grad norm is not
+    finite (fp32, and bf16 with check_grad_overflow) and says so in was_step_applied();
+    stage 0 (plain data parallel) never checks, so its gradients are checked here and
+    dropped before the step.
+    """
+    if not all_finite(loss):
+        return False
+    engine.backward(loss)
+    if zero_stage == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        bad = torch.tensor([0.0 if all(torch.isfinite(g).all() for g in grads) else 1.0])
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            engine.zero_grad()  # drop them; no optimizer step (with GAS 1 every backward is a boundary)
+            return False
+    engine.step()  # clips to optim.grad_clip, AdamW step, zero grads
+    return engine.was_step_applied()
+
+
 class Learner:
     def __init__(self, loop_config: dict):
         self.cfg = Config.model_validate(loop_config["config"])
@@ -76,7 +116,8 @@ class Learner:
         self.tracking = loop_config.get("tracking")  # (tracking_uri, run_id)
         self.step = 0
         self.consecutive_skips = 0  # non-finite steps in a row
-        self.counters = {"skipped_nonfinite": 0, "dropped_stale": 0, "sync_checked": 0}
+        self.counters = {"skipped_nonfinite": 0, "dropped_stale": 0, "sync_checked": 0, "rollout_restarts": 0}
+        self.resumed_from: int | None = None  # the checkpoint step this process resumed from
         self.published_digests: dict[int, str] = {}  # debug_check_sync: version -> student fingerprint
 
     # -- setup ---------------------------------------------------------------------
@@ -93,8 +134,9 @@ class Learner:
             self.family.transformer.enable_gradient_checkpointing()
         self.weights = make_weights(self.family.transformer, cfg.lora, lora_targets(cfg.model.family))
 
-        checkpoint = ray.train.get_checkpoint()
-        state = load_checkpoint(checkpoint, self.weights, self.rank, self.world) if checkpoint else None
+        # the checkpoint Ray Train resumes from, if complete; else the newest complete one in storage
+        resume = usable_checkpoint(ray.train.get_checkpoint(), self.experiment_dir())
+        state = load_checkpoint(resume, self.weights, self.rank, self.world) if resume else None
         optimizer = torch.optim.AdamW(
             self.weights.trainable_parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
@@ -103,12 +145,20 @@ class Learner:
             model=self.weights.module, optimizer=optimizer, config=deepspeed_config(cfg))
         if state is not None:
             state.restore_optimizer(self.optimizer)
-            self.step, self.counters = state.step, state.counters
+            self.step, self.counters = state.step, {**self.counters, **state.counters}
+            self.resumed_from = state.step
         self.mlflow = MlflowRun.attach(*self.tracking) if self.rank == 0 and self.tracking else None
         self.data = ray.train.get_dataset_shard("train") if self.queue is None else None
         self._sigmas = {}
         if self.publisher is not None and self.rank == 0:
             self.publisher.open()  # collective: the rollout workers join the weight-sync group here
+
+    def experiment_dir(self) -> str:
+        """Ray Train's folder of this run's checkpoints (RunConfig storage_path / name)."""
+        try:
+            return ray.train.get_context().get_storage().experiment_fs_path
+        except Exception:  # a Ray version without get_storage(): the driver's layout
+            return str(Path(self.cfg.run_dir) / "ray_train" / self.cfg.train.run_name)
 
     def sigmas(self, height: int, width: int) -> torch.Tensor:
         if (height, width) not in self._sigmas:
@@ -118,10 +168,13 @@ class Learner:
         return self._sigmas[height, width]
 
     # -- the loop ------------------------------------------------------------------
-    def train(self) -> None:
+    def train(self) -> str | None:
+        """The loop; returns None, or why it stopped early (non-finite steps)."""
         cfg = self.cfg
         if self.step == 0:
             self.log_samples()
+        if self.resumed_from is not None and self.mlflow:
+            self.mlflow.log_metrics({"learner/resumed_from_step": self.resumed_from}, step=self.step)
         if self.publisher is not None:
             self.publish_weights()
         batches = self.batches()
@@ -136,13 +189,12 @@ class Learner:
             else:
                 loss, metrics = experience_loss(self.family, self.weights, item, cfg.algorithm)
                 staleness, rollout_s = self.step - item.version, item.rollout_seconds
-            if self.all_finite(loss):
-                self.engine.backward(loss)
-                self.engine.step()  # clips to optim.grad_clip, AdamW step, zero grads
+            if self.optimizer_step(loss):
                 ema_step(self.weights, cfg.algorithm.ema_decay)
                 self.consecutive_skips = 0
             else:
-                self.skip_step(loss)
+                self.counters["skipped_nonfinite"] += 1
+                self.consecutive_skips += 1
             self.step += 1
             compute_s = time.perf_counter() - t1
             sync = self.publish_weights() if self.publisher is not None and self.step % cfg.runtime.sync_every == 0 else {}
@@ -150,13 +202,18 @@ class Learner:
             self.counters["dropped_stale"] += dropped
             images = len(item.captions) if isinstance(item, Batch) else len(item.ids)
             self.log_step(loss, metrics, images, step_s, compute_s, waited, staleness, rollout_s, sync)
+            if self.consecutive_skips >= cfg.optim.max_consecutive_skips:
+                return self.stop_nonfinite(loss)
             if self.step % cfg.train.sample_every == 0 or self.step == cfg.train.steps:
                 self.log_samples()
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps:
+            # never during a streak of skipped steps: the last checkpoint stays one after a good step
+            due = self.step % cfg.train.checkpoint_every == 0 and self.consecutive_skips == 0
+            if due or self.step == cfg.train.steps:
                 self.checkpoint()
         self.export()
         if self.publisher is not None and self.rank == 0:
             self.publisher.close()
+        return None
 
     def batches(self):
         """Yields (Batch or Experience, seconds waited, stale experiences dropped)."""
@@ -171,6 +228,11 @@ class Learner:
             start, dropped = time.perf_counter(), 0
             while True:
                 exp = self.queue.get(block=True, timeout=self.cfg.runtime.sync_timeout_s)
+                if isinstance(exp, RolloutRestart):  # a rollout worker came back after dying
+                    self.counters["rollout_restarts"] += 1
+                    print(f"rollout worker {exp.index} restarted (restarts so far: "
+                          f"{self.counters['rollout_restarts']})", flush=True)
+                    continue
                 if self.step - exp.version <= self.cfg.runtime.max_staleness:
                     break
                 dropped += 1  # older than max_staleness versions: never trained on
@@ -193,14 +255,26 @@ class Learner:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
-    def skip_step(self, loss: torch.Tensor) -> None:
-        self.counters["skipped_nonfinite"] += 1
-        self.consecutive_skips += 1
-        if self.consecutive_skips >= self.cfg.optim.max_consecutive_skips:
-            raise FloatingPointError(
-                f"{self.consecutive_skips} consecutive steps had a non-finite loss (last {loss.item()}); "
-                f"stopping. The last checkpoint (step {self.step - self.step % self.cfg.train.checkpoint_every}) "
-                "is usable: lower optim.lr or check the data, then re-run to resume.")
+    def optimizer_step(self, loss: torch.Tensor) -> bool:
+        """backward, clip, AdamW step; False (nothing applied) if the loss or the gradients are
+        not finite. Every rank returns the same answer."""
+        return apply_step(self.engine, loss, self.all_finite, self.cfg.runtime.zero_stage, self.world)
+
+    def stop_nonfinite(self, loss: torch.Tensor) -> str:
+        """Stop every rank cleanly (no retry by FailureConfig: it would fail the same way) and
+        return why; the driver raises FloatingPointError with it and the last checkpoint's path."""
+        message = (f"training stopped at step {self.step}: {self.consecutive_skips} consecutive steps had a "
+                   f"non-finite loss or non-finite gradients (optim.max_consecutive_skips="
+                   f"{self.cfg.optim.max_consecutive_skips}; last loss {loss.item()}). The skipped steps changed "
+                   "no weights. Lower optim.lr, check the data and the config, then re-run with the same "
+                   "train.run_name to resume from the last checkpoint.")
+        if self.rank == 0:
+            print(message, flush=True)
+            if self.mlflow:
+                self.mlflow.set_tag("dopsd.stopped", message)
+        if self.publisher is not None and self.rank == 0:
+            self.publisher.close()
+        return message
 
     # -- weights out -----------------------------------------------------------------
     def gathered(self, named: list):
@@ -245,7 +319,9 @@ class Learner:
         metrics = {"step": self.step}
         with save_checkpoint(self.rank, self.world, self.step, self.counters, self.optimizer,
                              student if self.rank == 0 else None, teacher if self.rank == 0 else None) as ckpt:
-            ray.train.report(metrics, checkpoint=ckpt)
+            # each file lands in storage complete or not at all (checkpoint.upload_checkpoint)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(self.step),
+                             checkpoint_upload_fn=ray_upload_fn(self.experiment_dir()))
 
     def export(self) -> None:
         student = self.full_state(STUDENT)
@@ -260,7 +336,9 @@ class Learner:
     def log_step(self, loss, metrics, images, step_s, compute_s, waited, staleness, rollout_s, sync) -> None:
         """Rank-summed throughput, rank-averaged loss; rank 0 logs."""
         trained = metrics.pop("trained_states")
-        stats = torch.tensor([loss.item() if math.isfinite(loss.item()) else 0.0, trained, images], dtype=torch.float64)
+        # a non-finite loss stays NaN: MLflow drops it (and counts it), the step shows in count/skipped_nonfinite
+        stats = torch.tensor([loss.item() if math.isfinite(loss.item()) else math.nan, trained, images],
+                             dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(stats)
         row = {

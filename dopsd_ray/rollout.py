@@ -17,16 +17,24 @@ Either way `next_snapshot` is the one place that tells them apart, and the swap
 (load_snapshot, stamping the version) happens only in the loop, between roll-outs.
 
 On-policy mode (max_staleness 0) produces `per_version` experiences per snapshot and
-then waits for the next one. After a restart the worker starts empty (version -1)
-and takes the latest snapshot before its first roll-out. With the object store that
-snapshot is there to fetch. With the collective transport it is not: the restarted
-worker is outside the weight-sync group, its receive_weights fails with an error naming
-the transport, and the learner's next sync fails with it (see sync/collective.py).
+then waits for the next one.
+
+Restarts: the driver makes workers restartable actors (max_restarts=-1) whose `run`
+task is retried on the new process (max_task_retries=-1). A restarted worker first puts
+a RolloutRestart notice in the experience queue (the learner counts it:
+`count/rollout_restarts` in MLflow), then starts empty (version -1) and takes the latest
+snapshot before its first roll-out. With the object store that snapshot is there to
+fetch. With the collective transport it is not: the restarted worker is outside the
+weight-sync group, its receive_weights fails with an error naming the transport, and
+the learner's next sync fails with it (see sync/collective.py); a learner restart
+(runtime.max_failures) sets the group up again, with the new worker in it.
 """
 
 import threading
 import time
+from dataclasses import dataclass
 
+import ray
 import torch
 from ray.util.queue import Full
 
@@ -39,6 +47,21 @@ from .sync.buckets import weights_digest
 from .sync.collective import CollectiveReceiver
 from .sync.object_store import fetch_snapshot
 from .weights import STUDENT, TEACHER, load_state_dict, make_weights, state_dict
+
+
+@dataclass(frozen=True)
+class RolloutRestart:
+    """Put in the experience queue by a rollout worker that is a restarted process."""
+
+    index: int
+
+
+def restarted_actor() -> bool:
+    """True inside a Ray actor that was restarted after its process died (False outside Ray)."""
+    try:
+        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # not in an actor: a plain object in a test or a debugger
+        return False
 
 
 class RolloutWorker:
@@ -59,6 +82,7 @@ class RolloutWorker:
         self.receiver: CollectiveReceiver | None = None  # collective transport only
         self._staged = None  # collective: (version, state, bytes, seconds) received, not yet swapped in
         self._staged_lock = threading.Lock()
+        self.restarted = restarted_actor()
 
     # -- weights ---------------------------------------------------------------------
     def load_snapshot(self, version: int, state: dict[str, torch.Tensor]) -> None:
@@ -138,6 +162,8 @@ class RolloutWorker:
         receive_weights (collective).
         """
         cfg = self.cfg
+        if self.restarted:  # this process replaces one that died: the learner counts it
+            self.put(queue, RolloutRestart(self.index))
         batches = iter_batches(data, cfg.train.batch_size, seed=cfg.train.seed + self.index)
         index = 0
         while not self._stop.is_set():
@@ -147,13 +173,17 @@ class RolloutWorker:
             images, captions, ids = next(batches)
             exp = self.rollout(Batch(images, captions, ids, index=index, stream=self.index, seed=cfg.train.seed))
             index += 1
-            while not self._stop.is_set():
-                try:
-                    queue.put(exp, block=True, timeout=1.0)
-                    break
-                except Full:  # the learner is behind: keep waiting, but notice stop()
-                    continue
-        return dict(self.stats, version=self.version)
+            self.put(queue, exp)
+        return dict(self.stats, version=self.version, restarted=self.restarted)
+
+    def put(self, queue, item) -> None:
+        """Into the bounded queue; blocks while the learner is behind, but notices stop()."""
+        while not self._stop.is_set():
+            try:
+                queue.put(item, block=True, timeout=1.0)
+                return
+            except Full:
+                continue
 
     def wait_for_snapshot(self, store, per_version: int | None) -> None:
         """Swap weights between roll-outs; on-policy: block until a fresh snapshot exists."""

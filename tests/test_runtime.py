@@ -1,4 +1,9 @@
-"""End to end on a real local Ray: Ray Data -> rollout workers -> Ray Train + DeepSpeed -> MLflow."""
+"""End to end on a real local Ray: Ray Data -> rollout workers -> Ray Train + DeepSpeed -> MLflow.
+
+More end-to-end runs live in tests/test_reliability.py, where faults are injected into
+them: FLUX.2-klein async SFT (a rollout worker killed), FLUX.2-klein colocated D-OPSD (the
+learner killed) and the re-run with the same train.run_name (resumes in the same MLflow run).
+"""
 
 from pathlib import Path
 
@@ -28,9 +33,11 @@ def out(tmp_path_factory):
 
 
 def run(out, name, *overrides, steps=3):
+    # one MLflow store for the module: each new store costs seconds of schema migrations
     cfg = load_config(TINY, [f"train.output_dir={out}", f"train.run_name={name}", f"train.steps={steps}",
                              "train.sample_every=1000", "train.checkpoint_every=2",
-                             "runtime.sync_timeout_s=120", "runtime.max_failures=0", *overrides])
+                             "runtime.sync_timeout_s=120", "runtime.max_failures=0",
+                             f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", *overrides])
     summary = train(cfg)
     client = MlflowClient(summary["mlflow_tracking_uri"])
     return summary, client
@@ -105,27 +112,3 @@ def test_sft_baseline_on_two_learner_ranks_with_zero3(out):
     assert [s for s, _ in history(client, summary, "loss/sft")] == [1, 2, 3]
     assert history(client, summary, "images_per_s")
     assert (Path(summary["export"]) / "pytorch_lora_weights.safetensors").is_file()
-
-
-FLUX = ["model.family=flux2_klein", "model.max_sequence_length=160", "algorithm.training_sigmas=inference"]
-
-
-def test_flux2_klein_colocated_dopsd_with_reference_teacher(out):
-    summary, client = run(out, "flux-colocated", *FLUX)
-    assert len(history(client, summary, "loss/dopsd")) == 3
-    # klein's native 4-step schedule: 4 trained states per roll-out
-    assert sum(1 for k in client.get_run(summary["mlflow_run_id"]).data.metrics if k.startswith("loss/state_")) == 4
-
-
-def test_flux2_klein_async_sft(out):
-    summary, client = run(out, "flux-async-sft", *FLUX, "algorithm.name=sft", "runtime.mode=disaggregated",
-                          "runtime.num_rollout_workers=1", "runtime.max_staleness=1")
-    assert [v <= 1 for _, v in history(client, summary, "staleness")] == [True] * 3
-
-
-def test_rerun_with_the_same_name_resumes_in_the_same_mlflow_run(out, colocated):
-    summary, client = colocated
-    resumed, _ = run(out, "colocated", steps=5)
-    assert resumed["mlflow_run_id"] == summary["mlflow_run_id"]
-    steps = [s for s, _ in history(client, summary, "loss")]
-    assert steps == [1, 2, 3, 4, 5]  # resumed at step 4 from the step-3 checkpoint
