@@ -118,7 +118,8 @@ def test_bad_configuration_fails_before_any_ray_work_naming_the_field(tmp_path, 
         "model.path='/nonexistent/pipeline': no such directory": ["model.tiny=false", "model.path=/nonexistent/pipeline"],
         "data.path='/nonexistent/shards' does not exist": ["data.path=/nonexistent/shards"],
     }
-    results, stderr = run_train_main([[out, *args] for args in cases.values()])
+    results, stderr = run_train_main([["--config", str(ROOT / "configs" / "tiny.yaml"), out, *args]
+                                      for args in cases.values()])
     for (expected, args), got in zip(cases.items(), results, strict=True):
         assert got["code"] == 2, (args, got)
         assert got["stderr"].startswith("error: ") and expected in got["stderr"], (args, got["stderr"])
