@@ -27,7 +27,8 @@ snapshot before its first roll-out. With the object store that snapshot is there
 fetch. With the collective transport it is not: the restarted worker is outside the
 weight-sync group, its receive_weights fails with an error naming the transport, and
 the learner's next sync fails with it (see sync/collective.py); a learner restart
-(runtime.max_failures) sets the group up again, with the new worker in it.
+(runtime.max_failures) sets the group up again, with the new worker in it (not covered
+by a test).
 """
 
 import threading
