@@ -14,12 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-FAMILIES = ("zimage", "flux2_klein")
-# The teacher contexts each family can build (method.md, "Teacher contexts").
-TEACHER_CONTEXTS = {"zimage": ("vlm",), "flux2_klein": ("reference", "vlm")}
-DEFAULT_TEACHER_CONTEXT = {"zimage": "vlm", "flux2_klein": "reference"}
-# Deployed few-step setting of each family (Z-Image-Turbo 8 NFE, klein 4 steps).
-DEFAULT_INFERENCE_STEPS = {"zimage": 8, "flux2_klein": 4}
+FAMILIES = ("zimage", "flux2_klein", "toy")
+# The teacher contexts each family can build (method.md, "Teacher contexts"); the toy's
+# teacher sees caption tokens + image tokens of the target (families/toy.py).
+TEACHER_CONTEXTS = {"zimage": ("vlm",), "flux2_klein": ("reference", "vlm"), "toy": ("image_tokens",)}
+DEFAULT_TEACHER_CONTEXT = {"zimage": "vlm", "flux2_klein": "reference", "toy": "image_tokens"}
+# Deployed few-step setting of each family (Z-Image-Turbo 8 NFE, klein 4 steps, the toy's 4).
+DEFAULT_INFERENCE_STEPS = {"zimage": 8, "flux2_klein": 4, "toy": 4}
+# The committed toy base and its concept images (README, "The miniature"): model.path and
+# data.path when a family=toy config sets none.
+TOY_BASE_DIR = Path(__file__).resolve().parents[1] / "models" / "toy"
+TOY_CONCEPT_DIR = Path(__file__).resolve().parents[1] / "data" / "toy_concept"
 
 
 class Section(BaseModel):
@@ -27,13 +32,13 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    family: Literal["zimage", "flux2_klein"] = "zimage"
+    family: Literal["zimage", "flux2_klein", "toy"] = "zimage"
     # Hub id or local directory of a diffusers pipeline. With tiny=True a random
     # tiny pipeline is built under the run's output dir and loaded from there.
     path: str | None = None
     tiny: bool = False
     variant: Literal["4b", "9b"] | None = None  # flux2_klein only
-    teacher_context: Literal["vlm", "reference"] | None = None  # None: the family's default
+    teacher_context: Literal["vlm", "reference", "image_tokens"] | None = None  # None: the family's default
     teacher_vlm_path: str | None = None  # Qwen3-VL checkpoint for the VLM teacher context
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_sequence_length: int = Field(512, ge=8)
@@ -44,6 +49,8 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.path is None and not self.tiny and self.family == "toy":
+            self.path = str(TOY_BASE_DIR)
         if self.path is None and not self.tiny:
             raise ValueError("set model.path (a hub id or a local pipeline directory) or model.tiny=true")
         if self.path is not None and self.tiny:
@@ -108,11 +115,15 @@ class OptimConfig(Section):
 
 class DataConfig(Section):
     # Parquet shards (a directory, files, or s3:// URIs) or webdataset tars written by
-    # jobs/prepare_data.py. None: the bundled sample dataset.
+    # jobs/prepare_data.py, or a folder of images + .txt captions. None: the bundled
+    # sample dataset (for family=toy: the toy concept images, data/toy_concept).
     path: str | list[str] | None = None
     pixel_budget: int = Field(1024 * 1024, ge=16 * 16)  # aspect-ratio buckets near this area
     max_aspect_ratio: float = Field(2.0, ge=1.0)
     caption: Literal["random", "first"] = "random"
+    # Each image this many times per epoch: for a handful of images (DreamBooth style),
+    # fewer, longer epochs instead of one data pipeline restart per step.
+    repeats: int = Field(1, ge=1)
 
 
 class TrainConfig(Section):
@@ -182,6 +193,8 @@ class Config(Section):
     def _check(self):
         if self.algorithm.inference_steps is None:
             self.algorithm.inference_steps = DEFAULT_INFERENCE_STEPS[self.model.family]
+        if self.model.family == "toy" and self.data.path is None:
+            self.data.path = str(TOY_CONCEPT_DIR)
         if self.algorithm.name == "sft" and self.runtime.teacher_targets == "rollout":
             raise ValueError("runtime.teacher_targets=rollout has no meaning for algorithm.name=sft")
         return self

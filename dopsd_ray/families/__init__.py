@@ -29,7 +29,11 @@ def load_family(model: ModelConfig, path: str | Path | None = None, device: str 
             teacher_max_sequence_length=model.teacher_max_sequence_length,
             vlm_min_pixels=model.vlm_min_pixels, vlm_max_pixels=model.vlm_max_pixels,
         )
-    raise ValueError(f"unknown model family {model.family!r}; known: zimage, flux2_klein")
+    if model.family == "toy":
+        from .toy import ToyFamily
+
+        return ToyFamily.from_pretrained(path, dtype=dtype, device=device, max_sequence_length=model.max_sequence_length)
+    raise ValueError(f"unknown model family {model.family!r}; known: zimage, flux2_klein, toy")
 
 
 def build_tiny(model: ModelConfig, path: str | Path, seed: int = 0) -> Path:
@@ -45,14 +49,20 @@ def build_tiny(model: ModelConfig, path: str | Path, seed: int = 0) -> Path:
         from .flux2_klein import build_tiny_flux2_klein
 
         build_tiny_flux2_klein(path, seed=seed, variant=model.variant or "4b")
+    elif model.family == "toy":
+        from .toy import build_tiny_toy
+
+        build_tiny_toy(path, seed=seed)
     else:
-        raise ValueError(f"unknown model family {model.family!r}; known: zimage, flux2_klein")
+        raise ValueError(f"unknown model family {model.family!r}; known: zimage, flux2_klein, toy")
     return path
 
 
 def lora_targets(family_name: str) -> list[str]:
     if family_name == "zimage":
         from .zimage import LORA_TARGETS
+    elif family_name == "toy":
+        from .toy import LORA_TARGETS
     else:
         from .flux2_klein import LORA_TARGETS
     return list(LORA_TARGETS)
@@ -61,6 +71,8 @@ def lora_targets(family_name: str) -> list[str]:
 def pipeline_class(family_name: str):
     if family_name == "zimage":
         from .zimage import PIPELINE_CLASS
+    elif family_name == "toy":
+        from .toy import PIPELINE_CLASS
     else:
         from .flux2_klein import PIPELINE_CLASS
     return PIPELINE_CLASS

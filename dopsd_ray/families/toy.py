@@ -1,0 +1,231 @@
+"""The toy family: a small pixel-space diffusion model built from real diffusers /
+transformers classes, for the CPU miniature of the paper (dopsd_ray/toy/).
+
+- denoiser: diffusers UNet2DConditionModel with cross-attention, predicting the
+  velocity v = eps - x0 directly, timestep = 1000 * sigma;
+- no VAE: latents are the pixels in [-1, 1], space-to-depth'ed 2x2 (pixel_unshuffle),
+  an exact invertible "autoencoder" that makes a 32 x 32 RGB image a 12 x 16 x 16 latent
+  (4x cheaper for the UNet); pixel_multiple = 2 * the UNet's 2 ** downsamplings;
+- student context: caption tokens from a small frozen Qwen3 text encoder
+  (a word-level tokenizer over the world's words, padded to max_sequence_length,
+  last hidden state, padding masked out in cross-attention);
+- teacher context: the caption tokens followed by image tokens of the target image from
+  a small frozen CLIP vision encoder (patch tokens + class token, post-layernorm) - the
+  toy's "VLM features of (image, caption)";
+- sigmas: linspace(1, 0, N + 1), no shift (32 px images need none).
+
+The committed base (models/toy, built by jobs/build_toy_base.py) is a 4-step distilled
+student of a flow-matching model; `build_tiny_toy` makes a random one of the same shape.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+from ..config import TOY_BASE_DIR
+from ..toy import world
+from .base import check_image_batch, freeze, module_dtype
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+HIDDEN = 64  # text and image token width = the UNet's cross_attention_dim
+INFERENCE_STEPS = 4
+
+
+@dataclass
+class ToyContext:
+    """Tokens for cross-attention: features (B, L, HIDDEN) and a (B, L) mask of real tokens."""
+
+    features: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device=None, dtype=None) -> "ToyContext":
+        return ToyContext(self.features.to(device=device, dtype=dtype), self.mask.to(device=device))
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+class ToyPipeline:
+    """The toy has no stock diffusers pipeline; this gives it the LoRA file format of the
+    UNet pipelines (keys prefixed `unet.`), loadable with `unet.load_lora_adapter(path, prefix="unet")`."""
+
+    @classmethod
+    def save_lora_weights(cls, save_directory, transformer_lora_layers, transformer_lora_adapter_metadata=None,
+                          safe_serialization: bool = True):
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            save_directory, unet_lora_layers=transformer_lora_layers,
+            unet_lora_adapter_metadata=transformer_lora_adapter_metadata, safe_serialization=safe_serialization)
+
+
+PIPELINE_CLASS = ToyPipeline
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the world's words (unknown words -> <unk>)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *world.vocabulary()])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+
+
+PATCH = 2  # pixel_unshuffle factor: latents are (3 * PATCH ** 2, H / PATCH, W / PATCH)
+
+
+def build_unet(block_out_channels=(32, 64, 64)) -> UNet2DConditionModel:
+    channels = 3 * PATCH * PATCH
+    return UNet2DConditionModel(
+        sample_size=world.SIZE // PATCH, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=tuple(block_out_channels), norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=HIDDEN, attention_head_dim=16,
+    )
+
+
+def build_encoders(tokenizer, seed: int = 0) -> tuple[Qwen3Model, CLIPVisionModel]:
+    """Random frozen encoders. The vision patch embedding is initialised at unit gain so the
+    image content, not the position embedding, dominates its tokens."""
+    text_config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    vision_config = CLIPVisionConfig(
+        image_size=world.SIZE, patch_size=8, num_channels=3, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+        num_hidden_layers=1, num_attention_heads=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        text_encoder = Qwen3Model(text_config)
+        with torch.no_grad():
+            text_encoder.embed_tokens.weight.normal_(std=1.0)
+        vision = CLIPVisionModel(vision_config)
+        patch = vision.embeddings.patch_embedding
+        with torch.no_grad():
+            patch.weight.normal_(std=(1.0 / patch.weight[0].numel()) ** 0.5)
+    return text_encoder, vision
+
+
+class ToyFamily:
+    name = "toy"
+
+    def __init__(self, *, transformer: UNet2DConditionModel, text_encoder: Qwen3Model, vision_encoder: CLIPVisionModel,
+                 tokenizer, max_sequence_length: int = 12):
+        self.transformer = transformer
+        self.text_encoder = freeze(text_encoder)
+        self.vision_encoder = freeze(vision_encoder)
+        self.tokenizer = tokenizer
+        self.max_sequence_length = max_sequence_length
+        self.pixel_multiple = PATCH * 2 ** (len(transformer.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", max_sequence_length: int = 12) -> "ToyFamily":
+        path = Path(path or TOY_BASE_DIR)
+        if not (path / "unet").is_dir():
+            raise FileNotFoundError(f"{path} is not a toy model directory (no unet/); rebuild the committed base "
+                                    "with `python jobs/build_toy_base.py` or use model.tiny=true")
+        load = {"torch_dtype": dtype}
+        return cls(
+            transformer=UNet2DConditionModel.from_pretrained(path / "unet", **load).to(device),
+            text_encoder=Qwen3Model.from_pretrained(path / "text_encoder", **load).to(device),
+            vision_encoder=CLIPVisionModel.from_pretrained(path / "vision_encoder", **load).to(device),
+            tokenizer=PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
+            max_sequence_length=max_sequence_length,
+        )
+
+    def save_pretrained(self, path: str | Path, transformer: nn.Module | None = None) -> Path:
+        path = Path(path)
+        (transformer or self.transformer).save_pretrained(path / "unet", safe_serialization=True)
+        self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        self.vision_encoder.save_pretrained(path / "vision_encoder", safe_serialization=True)
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        (path / "model_index.json").write_text(json.dumps({"family": "toy", "image_size": world.SIZE}) + "\n")
+        return path
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.device
+
+    # -- contexts ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def student_context(self, captions: list[str]) -> ToyContext:
+        tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.max_sequence_length,
+                                truncation=True, return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        features = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return ToyContext(features.float(), mask.bool())
+
+    @torch.no_grad()
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 1 + patches, HIDDEN) from the frozen vision encoder."""
+        x = images.to(self.device, self.vision_encoder.dtype)
+        if x.shape[-2:] != (world.SIZE, world.SIZE):
+            x = F.interpolate(x, size=(world.SIZE, world.SIZE), mode="area")
+        out = self.vision_encoder(pixel_values=x).last_hidden_state
+        return self.vision_encoder.post_layernorm(out).float()
+
+    @torch.no_grad()
+    def teacher_context(self, captions: list[str], images: torch.Tensor) -> ToyContext:
+        """Caption tokens followed by the target image's tokens."""
+        self.check_images(images)
+        text = self.student_context(captions)
+        image = self.image_tokens(images)
+        mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
+        return ToyContext(torch.cat([text.features, image], 1), torch.cat([text.mask, mask], 1))
+
+    # -- the denoiser --------------------------------------------------------------------
+
+    def velocity(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: ToyContext) -> torch.Tensor:
+        dtype = module_dtype(model)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        out = model(x.to(dtype), sigma * 1000, encoder_hidden_states=context.features.to(x.device, dtype),
+                    encoder_attention_mask=context.mask.to(x.device), return_dict=False)[0]
+        return out.float()
+
+    # -- latents: the pixels, space-to-depth ---------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
+        return F.pixel_unshuffle(images.float().to(self.device), PATCH)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(latents.float(), PATCH).clamp(-1, 1)
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:
+        return (batch_size, 3 * PATCH * PATCH, height // PATCH, width // PATCH)
+
+    # -- schedules -----------------------------------------------------------------------
+
+    def inference_sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        return torch.linspace(1.0, 0.0, num_steps + 1)
+
+    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return torch.as_tensor(sigmas, dtype=torch.float32)
+
+    # -- previews and export -------------------------------------------------------------
+
+    def pipeline(self, transformer: nn.Module | None = None) -> ToyPipeline:
+        return ToyPipeline()
+
+    def check_images(self, images: torch.Tensor) -> None:
+        check_image_batch(images, self.pixel_multiple, "the toy UNet")
+
+
+def build_tiny_toy(path: str | Path, seed: int = 0, block_out_channels=(16, 16, 16)) -> Path:
+    """A random toy model (untrained UNet) saved under `path`, loadable with from_pretrained."""
+    tokenizer = build_tokenizer()
+    text_encoder, vision = build_encoders(tokenizer, seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        unet = build_unet(block_out_channels)
+    return ToyFamily(transformer=unet, text_encoder=text_encoder, vision_encoder=vision,
+                     tokenizer=tokenizer).save_pretrained(path)

@@ -1,0 +1,168 @@
+"""The miniature of the paper: Base vs SFT vs D-OPSD on the toy world, at 4 steps.
+
+    python jobs/miniature.py                                  # sks = yellow triangle, 3 seeds
+    python jobs/miniature.py --token ohwx --colour cyan --shape cross --seeds 0 1
+
+For each method and seed it trains through the framework's normal entry point
+(dopsd_ray.driver.train with configs/toy.yaml: local Ray, Ray Train + DeepSpeed, MLflow),
+with the same steps and learning rate, then loads the exported LoRA and scores 4-step
+samples with the toy evaluator:
+- concept accuracy: held-out prompts "a sks on a <background not seen in training>",
+  colour and shape of the concept right;
+- 4-step quality: palette share (falls when samples blur) and classifier confidence;
+- prior retention: accuracy on held-in prompts of the world that do not show the concept.
+The teacher row (base model, caption + target image tokens) is the method's ceiling.
+Writes results JSON, a markdown table and a sample grid to --out.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dopsd_ray.config import TOY_BASE_DIR, load_config  # noqa: E402
+from dopsd_ray.families.toy import INFERENCE_STEPS, ToyFamily  # noqa: E402
+from dopsd_ray.grid import sample_grid  # noqa: E402
+from dopsd_ray.toy import world  # noqa: E402
+from dopsd_ray.toy.base import render_items, sample  # noqa: E402
+from dopsd_ray.toy.concept import Concept, prior_items, write_concept_dataset  # noqa: E402
+from dopsd_ray.toy.evaluator import Evaluator, evaluate  # noqa: E402
+
+SAMPLES_PER_PROMPT = 32
+METRICS = ("concept", "quality", "confidence", "prior")
+
+
+def load_student(base: Path, lora_dir: str | None) -> ToyFamily:
+    family = ToyFamily.from_pretrained(base)
+    if lora_dir is not None:
+        family.transformer.load_lora_adapter(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"), prefix="unet")
+    return family
+
+
+def score(family: ToyFamily, evaluator: Evaluator, concept: Concept, seed: int = 1000) -> tuple[dict, dict]:
+    """4-step scores of the student (text-only prompts) and the samples, for the grid."""
+    heldout = [i for i in concept.heldout_items for _ in range(SAMPLES_PER_PROMPT // len(concept.heldout_items) * 2)]
+    prior = [i for i in prior_items(concept) for _ in range(4)]
+    concept_samples = sample(family, family.transformer, family.student_context([concept.prompt(i.background) for i in heldout]),
+                             INFERENCE_STEPS, seed)
+    prior_samples = sample(family, family.transformer, family.student_context([i.caption for i in prior]), INFERENCE_STEPS, seed + 1)
+    c, p = evaluate(evaluator, concept_samples, heldout), evaluate(evaluator, prior_samples, prior)
+    both = torch.cat([concept_samples, prior_samples])
+    from dopsd_ray.toy.evaluator import palette_share, predict
+
+    _, confidence = predict(evaluator, both)
+    scores = {"concept": c["subject"], "concept_background": c["background_accuracy"],
+              "quality": palette_share(both).mean().item(), "confidence": confidence.mean().item(),
+              "prior": p["accuracy"]}
+    return scores, {"concept": concept_samples[::SAMPLES_PER_PROMPT // 4][:8], "prior": prior_samples[::4][:8]}
+
+
+def teacher_score(family: ToyFamily, evaluator: Evaluator, concept: Concept, seed: int = 1000) -> dict:
+    """The base model given the teacher context (concept caption + a training image): the ceiling."""
+    items = [i for i in concept.heldout_items for _ in range(SAMPLES_PER_PROMPT // len(concept.heldout_items) * 2)]
+    targets = render_items([world.Item(i.colour, i.shape, concept.train_backgrounds[0]) for i in items],
+                           torch.Generator().manual_seed(seed))
+    ctx = family.teacher_context([concept.prompt(i.background) for i in items], targets)
+    samples = sample(family, family.transformer, ctx, INFERENCE_STEPS, seed)
+    s = evaluate(evaluator, samples, items)
+    return {"concept": s["subject"], "concept_background": s["background_accuracy"], "quality": s["palette_share"],
+            "confidence": s["confidence"]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for k in runs[0]:
+        values = [r[k] for r in runs]
+        out[k] = {"mean": statistics.mean(values), "std": statistics.pstdev(values), "runs": values}
+    return out
+
+
+def table(results: dict, base: dict) -> str:
+    lines = ["| model (4 steps) | concept accuracy | quality (palette share) | confidence | prior retention |",
+             "|---|---|---|---|---|"]
+    lines.append(f"| Base | {base['concept']:.2f} | {base['quality']:.3f} | {base['confidence']:.3f} | {base['prior']:.2f} |")
+    t = results["teacher"]
+    lines.append(f"| Teacher context (base + image) | {t['concept']:.2f} | {t['quality']:.3f} | {t['confidence']:.3f} | - |")
+    for name in ("sft", "dopsd"):
+        s = results[name]
+        cells = " | ".join(f"{s[m]['mean']:.3f} ± {s[m]['std']:.3f}" for m in METRICS)
+        lines.append(f"| {'SFT' if name == 'sft' else 'D-OPSD'} | {cells} |")
+    lines.append("")
+    q, p = base["quality"], base["prior"]
+    for name in ("sft", "dopsd"):
+        s = results[name]
+        lines.append(f"{name}: quality {s['quality']['mean'] / q:.2f}x base, prior {s['prior']['mean'] / max(p, 1e-9):.2f}x base")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--token", default="sks")
+    parser.add_argument("--colour", default="yellow")
+    parser.add_argument("--shape", default="triangle")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["sft", "dopsd"], choices=["sft", "dopsd"])
+    parser.add_argument("--base", default=str(TOY_BASE_DIR))
+    parser.add_argument("--out", default="outputs/miniature")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    out = Path(args.out).resolve()
+    concept = Concept(args.token, args.colour, args.shape)
+    data = write_concept_dataset(out / "data", concept)
+    evaluator = Evaluator.load(Path(args.base) / "evaluator.safetensors")
+
+    family = load_student(Path(args.base), None)
+    base, base_samples = score(family, evaluator, concept)
+    results = {"concept": vars(concept) | {"heldout_backgrounds": concept.heldout_backgrounds},
+               "base": base, "teacher": teacher_score(family, evaluator, concept)}
+    print(f"base: {base}\nteacher context: {results['teacher']}", flush=True)
+    if results["teacher"]["concept"] < 0.5:
+        print(f"WARNING: the base model given the image renders this concept in only "
+              f"{results['teacher']['concept']:.0%} of samples: D-OPSD cannot teach what its teacher cannot show "
+              "(method.md, 'Known failure modes').", flush=True)
+
+    from dopsd_ray.driver import train
+
+    grid_rows = {"target": render_items(concept.train_items * 2, torch.Generator()), "Base": base_samples}
+    for method in args.methods:
+        runs = []
+        for seed in args.seeds:
+            cfg = load_config(ROOT / "configs" / "toy.yaml", [
+                f"model.path={args.base}", f"data.path={data}", f"algorithm.name={method}", f"train.seed={seed}",
+                f"train.output_dir={out / 'runs'}", f"train.run_name={method}-seed{seed}", *args.overrides])
+            summary = train(cfg)
+            s, samples = score(load_student(Path(args.base), summary["export"]), evaluator, concept)
+            print(f"{method} seed {seed}: {s}", flush=True)
+            runs.append(s)
+            if seed == args.seeds[0]:
+                grid_rows[method] = samples
+        results[method] = summarise(runs)
+
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if set(args.methods) == {"sft", "dopsd"}:
+        md = table(results, base)
+        (out / "table.md").write_text(md + "\n")
+        print(md)
+    rows, labels = [], []
+    for name, rowset in grid_rows.items():
+        if name == "target":
+            rows.append(list(rowset[:8]))
+            labels.append("training images")
+            continue
+        label = {"sft": "SFT", "dopsd": "D-OPSD"}.get(name, name)
+        rows += [list(rowset["concept"]), list(rowset["prior"])]
+        labels += [f"{label}: '{concept.token}' held-out", f"{label}: held-in prompts"]
+    sample_grid(rows, labels, [""] * 8).save(out / "samples.png")
+    print(f"wrote {out / 'results.json'}, {out / 'samples.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
