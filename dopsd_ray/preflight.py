@@ -88,7 +88,7 @@ def starts_local_ray() -> bool:
 
         return canonicalize_bootstrap_address(None) is None
     except Exception:
-        return not os.environ.get("RAY_ADDRESS")
+        return os.environ.get("RAY_ADDRESS", "") in ("", "local")
 
 
 def preflight(cfg: Config) -> None:

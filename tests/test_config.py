@@ -85,7 +85,7 @@ def run_train_main(cases: list[list[str]]) -> tuple[list[dict], str]:
     import ray
 
     if ray.is_initialized():
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = dict(os.environ, RAY_ADDRESS="local")
         done = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(ROOT / "jobs" / "train.py"), json.dumps(cases)],
                               capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -107,7 +107,7 @@ def run_train_main(cases: list[list[str]]) -> tuple[list[dict], str]:
 def test_bad_configuration_fails_before_any_ray_work_naming_the_field(tmp_path, monkeypatch):
     """jobs/train.py: every bad configuration exits with code 2 and one `error:` line naming
     the field, without a traceback; Ray is never started and nothing is written."""
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # a new local Ray, even if `ray start` left one on this machine
     out = f"train.output_dir={tmp_path / 'runs'}"
     cases = {
         "optim.lrr: unknown key": ["optim.lrr=1"],
