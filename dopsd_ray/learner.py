@@ -17,7 +17,9 @@ Faults (README "Faults and what happens"):
   FloatingPointError naming the last checkpoint. No checkpoint is written during a streak.
 - a killed learner rank: Ray Train restarts the group (FailureConfig) and setup()
   resumes from the newest complete checkpoint (checkpoint.usable_checkpoint), in the
-  same MLflow run; `learner/resumed_from_step` marks where.
+  same MLflow run; `learner/resumed_from_step` marks where. It re-publishes its weights
+  at the resumed step; queued experiences of later versions (made with the dead
+  learner's snapshots) are dropped and counted with the stale ones.
 - a restarted rollout worker announces itself with a RolloutRestart in the experience
   queue: counted in `count/rollout_restarts`.
 
@@ -233,9 +235,11 @@ class Learner:
                     print(f"rollout worker {exp.index} restarted (restarts so far: "
                           f"{self.counters['rollout_restarts']})", flush=True)
                     continue
-                if self.step - exp.version <= self.cfg.runtime.max_staleness:
+                # version > step: made with a snapshot of a learner that died after this one's
+                # checkpoint (those weights are gone); older than max_staleness: too stale
+                if 0 <= self.step - exp.version <= self.cfg.runtime.max_staleness:
                     break
-                dropped += 1  # older than max_staleness versions: never trained on
+                dropped += 1  # never trained on
             self.check_snapshot(exp)
             yield exp, time.perf_counter() - start, dropped
 

@@ -5,7 +5,7 @@ killed from outside with SIGKILL (as an OOM killer would), and only processes th
 descend from this test process, so nothing else on the machine is touched.
 
     rollout worker killed mid-run  -> restarted, re-fetches the snapshot, run completes, counted
-    learner killed mid-run         -> Ray Train restarts it from the last checkpoint, same MLflow run
+    learner killed later that run  -> Ray Train restarts it from the last checkpoint, same MLflow run
     re-run whose steps blow up     -> skipped + counted, stops after N, last checkpoint usable
     checkpoint writer killed       -> the last complete checkpoint is the one loaded
     non-finite gradients           -> the optimizer step is skipped (real DeepSpeed engines)
@@ -115,17 +115,16 @@ class Killer(threading.Thread):
         self.join()
 
 
-def last_logged_step(out: Path, name: str, at_least: int):
-    """The last step with a logged loss in run `name`, if it is >= at_least, else None."""
+def metric_steps(out: Path, name: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of `key` logged so far in run `name` (empty until the run exists)."""
     id_file = out / name / "mlflow_run_id.txt"
     if not id_file.is_file():
-        return None
+        return []
     try:
-        steps = [m.step for m in MlflowClient(f"sqlite:///{out}/mlflow.db").get_metric_history(
-            id_file.read_text().strip(), "loss")]
+        history = MlflowClient(f"sqlite:///{out}/mlflow.db").get_metric_history(id_file.read_text().strip(), key)
     except Exception:  # the store is busy
-        return None
-    return max(steps) if steps and max(steps) >= at_least else None
+        return []
+    return [(m.step, m.value) for m in history]
 
 
 def registered_checkpoint_step(experiment_dir: Path):
@@ -137,118 +136,133 @@ def registered_checkpoint_step(experiment_dir: Path):
         return None
 
 
-# -- 1. a rollout worker process dies ------------------------------------------------------
-def test_flux2_klein_async_sft_survives_a_killed_rollout_worker(out):
-    """FLUX.2-klein, baseline SFT, async (max_staleness 1), one rollout worker, SIGKILLed after
-    step 2: Ray restarts it and retries its roll-out loop, the new process fetches the latest
-    snapshot from the WeightStore, and the run completes. (Also the async-SFT-on-klein test.)"""
-    name = "flux-async-sft-rollout-killed"
-    cfg = config(out, name, *FLUX, "algorithm.name=sft", "runtime.mode=disaggregated",
-                 "runtime.num_rollout_workers=1", "runtime.max_staleness=1", "runtime.debug_check_sync=true",
-                 steps=6)
-    with Killer("ray::RolloutWorker", lambda: last_logged_step(out, name, at_least=2)) as killer:
-        summary = train(cfg)
-    assert killer.error is None and killer.killed_pid is not None, "the rollout worker was not killed"
-    # the old process had snapshots up to version `seen`; step 6 takes version 4 or newer
-    # (max_staleness 1): only the new process can make it
-    assert killer.seen <= 3, f"killed after step {killer.seen}: too late to prove anything"
-
-    client = MlflowClient(summary["mlflow_tracking_uri"])
-    run_id = summary["mlflow_run_id"]
-    # the restart is counted in MLflow, and the run completed every step once
-    assert history(client, run_id, "count/rollout_restarts")[-1] == (6, 1.0) and summary["rollout_restarts"] == 1
-    assert [s for s, _ in history(client, run_id, "loss/sft")] == [1, 2, 3, 4, 5, 6]
-    assert [v <= 1 for _, v in history(client, run_id, "staleness")] == [True] * 6
-    # every trained experience, before and after the restart, was made with exactly the
-    # learner's snapshot of its version (at most one behind): the new process fetched it
-    assert history(client, run_id, "count/sync_checked")[-1][1] == 6
-    worker = summary["rollout_workers"][0]
-    assert worker.get("restarted") is True and worker["version"] >= 6 - 1 and worker["snapshots"] >= 1
-    assert client.get_run(run_id).info.status == "FINISHED"
-    print(f"\nrollout worker pid {killer.killed_pid} killed after step {killer.seen}; restarts counted: "
-          f"{summary['rollout_restarts']}; fit {summary['seconds']:.0f} s")
-
-
-# -- 2. a learner process dies; 5. a re-run whose steps blow up ------------------------------
-LEARNER = "flux-learner-killed"
+# -- 1. a rollout worker dies, then 2. the learner dies: one run ------------------------------
+RUN = "flux-async-sft-faults"
+STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def learner_killed(out):
-    """FLUX.2-klein colocated D-OPSD (reference-image teacher), 6 steps, checkpoints every 2;
-    the learner process is SIGKILLed as soon as Ray Train has registered a checkpoint."""
-    cfg = config(out, LEARNER, *FLUX, "runtime.max_failures=1", steps=6)
-    experiment_dir = out / LEARNER / "ray_train" / LEARNER
-    with Killer("ray::RayTrainWorker", lambda: registered_checkpoint_step(experiment_dir)) as killer:
+def faults_run(out):
+    """FLUX.2-klein, baseline SFT, async (max_staleness 1), one rollout worker, checkpoints
+    every 2 steps, runtime.max_failures=1. Two processes are SIGKILLed during the run:
+      1. the rollout worker, once the learner has logged step 2;
+      2. then the learner, once the worker's restart is counted and a checkpoint taken
+         after that has been registered by Ray Train.
+    (This run is also the async-SFT-on-FLUX.2-klein test.)"""
+    cfg = config(out, RUN, *FLUX, "algorithm.name=sft", "runtime.mode=disaggregated",
+                 "runtime.num_rollout_workers=1", "runtime.max_staleness=1", "runtime.debug_check_sync=true",
+                 "runtime.max_failures=1", steps=STEPS)
+    experiment_dir = out / RUN / "ray_train" / RUN
+
+    def after_step_2():
+        steps = [s for s, _ in metric_steps(out, RUN, "loss")]
+        return max(steps) if steps and max(steps) >= 2 else None
+
+    def after_restart_checkpointed():
+        if rollout.killed_pid is None:
+            return None
+        counted = [s for s, v in metric_steps(out, RUN, "count/rollout_restarts") if v >= 1]
+        registered = registered_checkpoint_step(experiment_dir)
+        return registered if counted and registered is not None and registered >= min(counted) else None
+
+    with Killer("ray::RolloutWorker", after_step_2) as rollout, \
+            Killer("ray::RayTrainWorker", after_restart_checkpointed) as learner:
         summary = train(cfg)
-    return summary, killer
+    return summary, rollout, learner
 
 
-def test_flux2_klein_colocated_dopsd_resumes_from_the_last_checkpoint_after_a_killed_learner(learner_killed, out):
-    summary, killer = learner_killed
-    assert killer.error is None and killer.killed_pid is not None, "the learner was not killed"
+def test_flux2_klein_async_sft_survives_a_killed_rollout_worker(faults_run):
+    """Ray restarts the worker and retries its roll-out loop; the new process fetches the latest
+    snapshot from the WeightStore; the restart is counted in MLflow; the run completes."""
+    summary, rollout, _ = faults_run
+    assert rollout.error is None and rollout.killed_pid is not None, "the rollout worker was not killed"
+    # the old process had snapshots up to version `seen`; a step two later takes only newer ones
+    # (max_staleness 1): only the new process can make them
+    assert rollout.seen <= STEPS - 3, f"killed after step {rollout.seen}: too late to prove anything"
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    run_id = summary["mlflow_run_id"]
+    assert history(client, run_id, "count/rollout_restarts")[-1] == (STEPS, 1.0)
+    assert summary["rollout_restarts"] == 1
+    assert {s for s, _ in history(client, run_id, "loss/sft")} == set(range(1, STEPS + 1))
+    assert all(0 <= v <= 1 for _, v in history(client, run_id, "staleness"))
+    # every experience trained on whose version this learner process published (all but a few
+    # around the learner restart) was made with exactly that snapshot: the new worker fetched it
+    assert history(client, run_id, "count/sync_checked")[-1][1] >= STEPS // 2
+    worker = summary["rollout_workers"][0]
+    assert worker.get("restarted") is True and worker["version"] >= STEPS - 1 and worker["snapshots"] >= 1
+    assert client.get_run(run_id).info.status == "FINISHED"
+    print(f"\nrollout worker pid {rollout.killed_pid} killed after step {rollout.seen}; restarts counted: "
+          f"{summary['rollout_restarts']}; fit {summary['seconds']:.0f} s")
+
+
+def test_flux2_klein_async_sft_resumes_from_the_last_checkpoint_after_a_killed_learner(faults_run, out):
+    """Ray Train restarts the learner group from the last registered checkpoint (FailureConfig);
+    the step count continues from there, in the same MLflow run; the export loads."""
+    summary, _, learner = faults_run
+    assert learner.error is None and learner.killed_pid is not None, "the learner was not killed"
     client = MlflowClient(summary["mlflow_tracking_uri"])
     run_id = summary["mlflow_run_id"]
 
-    # Ray Train restarted the group once, from the checkpoint registered before the kill (or a later one)
     resumed = client.get_metric_history(run_id, "learner/resumed_from_step")
     assert len(resumed) == 1, resumed
     resumed_at, restarted_ms = int(resumed[0].value), resumed[0].timestamp
-    assert resumed_at >= killer.seen and resumed_at % 2 == 0 and resumed_at < 6
-    # the step count continues from there: steps 1..k before the kill (k >= resumed_at), then resumed_at + 1 .. 6
-    losses = sorted(client.get_metric_history(run_id, "loss/dopsd"), key=lambda m: m.timestamp)
+    assert resumed_at >= learner.seen and resumed_at % 2 == 0 and resumed_at < STEPS
+    # steps 1..k before the kill (k >= resumed_at), then resumed_at + 1 .. STEPS
+    losses = sorted(client.get_metric_history(run_id, "loss/sft"), key=lambda m: m.timestamp)
     before = [m.step for m in losses if m.timestamp < restarted_ms]
     after = [m.step for m in losses if m.timestamp >= restarted_ms]
     assert before == list(range(1, len(before) + 1)) and len(before) >= resumed_at
-    assert after == list(range(resumed_at + 1, 7))
-    assert summary["final_metrics"]["step"] == 6
-    # klein's native 4-step schedule: 4 trained states per roll-out
-    assert sum(1 for k in client.get_run(run_id).data.metrics if k.startswith("loss/state_")) == 4
+    assert after == list(range(resumed_at + 1, STEPS + 1))
+    assert summary["final_metrics"]["step"] == STEPS
 
-    # one MLflow run, before and after the restart
-    runs = client.search_runs([client.get_run(run_id).info.experiment_id], f"attributes.run_name = '{LEARNER}'")
-    assert [r.info.run_id for r in runs] == [run_id]
+    runs = client.search_runs([client.get_run(run_id).info.experiment_id], f"attributes.run_name = '{RUN}'")
+    assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run, before and after the restart
     assert client.get_run(run_id).info.status == "FINISHED"
 
-    # the final export loads into the stock pipeline
     lora = load_file(str(Path(summary["export"]) / "pytorch_lora_weights.safetensors"))
     assert lora and all(torch.isfinite(v).all() for v in lora.values())
-    pipe = pipeline_class("flux2_klein").from_pretrained(str(out / LEARNER / "tiny_model"))
-    pipe.load_lora_weights(summary["export"])
+    pipe = pipeline_class("flux2_klein").from_pretrained(str(out / RUN / "tiny_model"))
+    pipe.load_lora_weights(summary["export"])  # the final export loads into the stock pipeline
     assert check_checkpoint(summary["checkpoint"]) is None
-    print(f"\nlearner pid {killer.killed_pid} killed with the step-{killer.seen} checkpoint registered; resumed "
+    print(f"\nlearner pid {learner.killed_pid} killed with the step-{learner.seen} checkpoint registered; resumed "
           f"at step {resumed_at}; steps logged {before} then {after}; one MLflow run {run_id}")
 
 
-def test_rerun_resumes_in_the_same_run_and_nonfinite_steps_stop_it_with_a_usable_checkpoint(learner_killed, out):
-    """Re-running with the same train.run_name resumes from the last checkpoint (step 6) in the
-    same MLflow run. optim.lr=1e30 is a real cause: step 7 is finite but its update overflows
-    the LoRA weights, so steps 8 and 9 have a non-finite loss: both are skipped and counted,
-    the run stops after optim.max_consecutive_skips=2, with no retry (max_failures=1), and no
-    checkpoint is written during the streak: the last one is step 6's, complete and finite."""
-    first, _ = learner_killed
-    cfg = config(out, LEARNER, *FLUX, "runtime.max_failures=1", "optim.lr=1e30", "optim.max_consecutive_skips=2",
-                 steps=12)
+# -- 5. a re-run whose steps blow up -----------------------------------------------------------
+def test_rerun_resumes_in_the_same_run_and_nonfinite_steps_stop_it_with_a_usable_checkpoint(faults_run, out):
+    """Re-running with the same train.run_name resumes from the last checkpoint (step 10) in the
+    same MLflow run, here as colocated D-OPSD on FLUX.2-klein (reference-image teacher).
+    optim.lr=1e30 is a real cause: step 11 is finite but its update overflows the LoRA
+    weights, so steps 12 and 13 have a non-finite loss: both are skipped and counted, the run
+    stops after optim.max_consecutive_skips=2, with no retry (max_failures=1), and no
+    checkpoint is written during the streak: the last one is step 10's, complete and finite."""
+    first, _, _ = faults_run
+    cfg = config(out, RUN, *FLUX, "runtime.max_failures=1", "optim.lr=1e30", "optim.max_consecutive_skips=2",
+                 steps=STEPS + 6)
     with pytest.raises(FloatingPointError) as err:
         train(cfg)
     message = str(err.value)
     assert "2 consecutive steps had a non-finite loss or non-finite gradients" in message
-    assert "training stopped at step 9" in message and "optim.lr" in message
+    assert f"training stopped at step {STEPS + 3}" in message and "optim.lr" in message
 
     client = MlflowClient(first["mlflow_tracking_uri"])
     run_id = first["mlflow_run_id"]
-    assert (out / LEARNER / "mlflow_run_id.txt").read_text().strip() == run_id  # the same MLflow run
+    assert (out / RUN / "mlflow_run_id.txt").read_text().strip() == run_id  # the same MLflow run
     resumed = history(client, run_id, "learner/resumed_from_step")
-    assert [v for _, v in resumed][1:] == [6.0]  # resumed once at 6: the stop was not retried
-    assert history(client, run_id, "loss/dopsd")[-1][0] == 7  # steps 8 and 9 were not finite
-    assert history(client, run_id, "count/skipped_nonfinite")[-3:] == [(7, 0.0), (8, 1.0), (9, 2.0)]
+    assert [v for _, v in resumed][1:] == [float(STEPS)]  # resumed once at 10: the stop was not retried
+    assert [s for s, _ in history(client, run_id, "loss/dopsd")] == [STEPS + 1]  # 12 and 13 were not finite
+    # klein's native 4-step schedule: 4 trained states per roll-out
+    assert sum(1 for k in client.get_run(run_id).data.metrics if k.startswith("loss/state_")) == 4
+    assert history(client, run_id, "count/skipped_nonfinite")[-3:] == [
+        (STEPS + 1, 0.0), (STEPS + 2, 1.0), (STEPS + 3, 2.0)]
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["dopsd.stopped"]
 
-    experiment_dir = out / LEARNER / "ray_train" / LEARNER
+    experiment_dir = out / RUN / "ray_train" / RUN
     last = latest_checkpoint(experiment_dir)
-    assert last.name == checkpoint_dir_name(6) and str(last) in message
-    assert not (experiment_dir / checkpoint_dir_name(8)).exists()  # due, but inside the streak
+    assert last.name == checkpoint_dir_name(STEPS) and str(last) in message
+    assert not (experiment_dir / checkpoint_dir_name(STEPS + 2)).exists()  # due, but inside the streak
     assert check_checkpoint(last) is None
     for name in ("student", "teacher"):
         assert all(torch.isfinite(v).all() for v in load_file(str(last / f"{name}.safetensors")).values())
