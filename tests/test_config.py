@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(recipe):
     cfg = load_config(recipe)
-    assert cfg.algorithm.inference_steps == {"zimage": 8, "flux2_klein": 4}[cfg.model.family]
+    assert cfg.algorithm.inference_steps == {"zimage": 8, "flux2_klein": 4, "toy": 4}[cfg.model.family]
 
 
 def test_released_zimage_recipe_settings():
