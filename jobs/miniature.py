@@ -1,6 +1,6 @@
 """The miniature of the paper: Base vs SFT vs D-OPSD on the toy world, at 4 steps.
 
-    python jobs/miniature.py                                  # sks = yellow triangle, 3 seeds
+    python jobs/miniature.py                                  # sks = anything yellow, 3 seeds
     python jobs/miniature.py --token ohwx --colour cyan --shape cross --seeds 0 1
 
 For each method and seed it trains through the framework's normal entry point
@@ -8,7 +8,7 @@ For each method and seed it trains through the framework's normal entry point
 with the same steps and learning rate, then loads the exported LoRA and scores 4-step
 samples with the toy evaluator:
 - concept accuracy: held-out prompts "a sks on a <background not seen in training>",
-  colour and shape of the concept right;
+  the concept's colour (and shape, when it has one) right;
 - 4-step quality: palette share (falls when samples blur) and classifier confidence;
 - prior retention: accuracy on held-in prompts of the world that do not show the concept.
 The teacher row (base model, caption + target image tokens) is the method's ceiling.
@@ -32,9 +32,9 @@ from dopsd_ray.grid import sample_grid  # noqa: E402
 from dopsd_ray.toy import world  # noqa: E402
 from dopsd_ray.toy.base import render_items, sample  # noqa: E402
 from dopsd_ray.toy.concept import Concept, prior_items, write_concept_dataset  # noqa: E402
-from dopsd_ray.toy.evaluator import Evaluator, evaluate  # noqa: E402
+from dopsd_ray.toy.evaluator import Evaluator, evaluate, palette_share, predict  # noqa: E402
 
-SAMPLES_PER_PROMPT = 32
+SAMPLES_PER_PROMPT = 24  # per held-out background
 METRICS = ("concept", "quality", "confidence", "prior")
 
 
@@ -45,34 +45,45 @@ def load_student(base: Path, lora_dir: str | None) -> ToyFamily:
     return family
 
 
+def concept_scores(evaluator: Evaluator, samples: torch.Tensor, concept: Concept, items: list[world.Item]) -> dict:
+    """Share of samples that show the concept (colour, and shape if it has one), and the
+    share with the prompt's (held-out) background."""
+    names, _ = predict(evaluator, samples)
+    shows = [concept.shows(c, s) for c, s in zip(names["colour"], names["shape"])]
+    background = [b == i.background for b, i in zip(names["background"], items)]
+    return {"concept": statistics.mean(shows), "concept_background": statistics.mean(background)}
+
+
+def heldout_prompts(concept: Concept) -> list[world.Item]:
+    return [i for i in concept.heldout_items for _ in range(SAMPLES_PER_PROMPT)]
+
+
 def score(family: ToyFamily, evaluator: Evaluator, concept: Concept, seed: int = 1000) -> tuple[dict, dict]:
     """4-step scores of the student (text-only prompts) and the samples, for the grid."""
-    heldout = [i for i in concept.heldout_items for _ in range(SAMPLES_PER_PROMPT // len(concept.heldout_items) * 2)]
-    prior = [i for i in prior_items(concept) for _ in range(4)]
-    concept_samples = sample(family, family.transformer, family.student_context([concept.prompt(i.background) for i in heldout]),
-                             INFERENCE_STEPS, seed)
-    prior_samples = sample(family, family.transformer, family.student_context([i.caption for i in prior]), INFERENCE_STEPS, seed + 1)
-    c, p = evaluate(evaluator, concept_samples, heldout), evaluate(evaluator, prior_samples, prior)
+    heldout, prior = heldout_prompts(concept), [i for i in prior_items(concept) for _ in range(4)]
+    concept_samples = sample(family, family.transformer,
+                             family.student_context([concept.prompt(i.background) for i in heldout]), INFERENCE_STEPS, seed)
+    prior_samples = sample(family, family.transformer, family.student_context([i.caption for i in prior]),
+                           INFERENCE_STEPS, seed + 1)
     both = torch.cat([concept_samples, prior_samples])
-    from dopsd_ray.toy.evaluator import palette_share, predict
-
     _, confidence = predict(evaluator, both)
-    scores = {"concept": c["subject"], "concept_background": c["background_accuracy"],
+    scores = {**concept_scores(evaluator, concept_samples, concept, heldout),
               "quality": palette_share(both).mean().item(), "confidence": confidence.mean().item(),
-              "prior": p["accuracy"]}
-    return scores, {"concept": concept_samples[::SAMPLES_PER_PROMPT // 4][:8], "prior": prior_samples[::4][:8]}
+              "prior": evaluate(evaluator, prior_samples, prior)["accuracy"]}
+    picks = torch.arange(8) * len(heldout) // 8
+    return scores, {"concept": concept_samples[picks], "prior": prior_samples[::4][:8]}
 
 
 def teacher_score(family: ToyFamily, evaluator: Evaluator, concept: Concept, seed: int = 1000) -> dict:
-    """The base model given the teacher context (concept caption + a training image): the ceiling."""
-    items = [i for i in concept.heldout_items for _ in range(SAMPLES_PER_PROMPT // len(concept.heldout_items) * 2)]
-    targets = render_items([world.Item(i.colour, i.shape, concept.train_backgrounds[0]) for i in items],
-                           torch.Generator().manual_seed(seed))
-    ctx = family.teacher_context([concept.prompt(i.background) for i in items], targets)
+    """The base model given the teacher context (concept prompt + a training image): the ceiling."""
+    heldout = heldout_prompts(concept)
+    train = concept.train_items
+    targets = render_items([train[i % len(train)] for i in range(len(heldout))], torch.Generator().manual_seed(seed))
+    ctx = family.teacher_context([concept.prompt(i.background) for i in heldout], targets)
     samples = sample(family, family.transformer, ctx, INFERENCE_STEPS, seed)
-    s = evaluate(evaluator, samples, items)
-    return {"concept": s["subject"], "concept_background": s["background_accuracy"], "quality": s["palette_share"],
-            "confidence": s["confidence"]}
+    _, confidence = predict(evaluator, samples)
+    return {**concept_scores(evaluator, samples, concept, heldout), "quality": palette_share(samples).mean().item(),
+            "confidence": confidence.mean().item()}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -105,7 +116,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--token", default="sks")
     parser.add_argument("--colour", default="yellow")
-    parser.add_argument("--shape", default="triangle")
+    parser.add_argument("--shape", default=None, help="default: none, the concept is the colour on any shape")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["sft", "dopsd"], choices=["sft", "dopsd"])
     parser.add_argument("--base", default=str(TOY_BASE_DIR))

@@ -1,6 +1,6 @@
 """Look at the teacher before training: can the model render your concept in context?
 
-    python jobs/preview_teacher.py                                      # tiny model, bundled data
+    python jobs/preview_teacher.py                                      # the toy model and its concept images
     python jobs/preview_teacher.py --config configs/zimage_turbo_lora.yaml data.path=/data/shards --num 8
 
 D-OPSD can only teach what the teacher (the same model given caption + target image)
@@ -24,12 +24,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing, e.g. un
 
 from dopsd_ray.config import ConfigError, load_config  # noqa: E402
 
-DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "toy.yaml"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/tiny.yaml)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/toy.yaml)")
     parser.add_argument("--num", type=int, default=4, help="training pairs to preview (default 4)")
     parser.add_argument("--out", help="PNG to write (default: <run dir>/preview_teacher.png)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")

@@ -1,6 +1,6 @@
 """Train with D-OPSD (or baseline SFT) on Ray.
 
-    python jobs/train.py                                   # tiny model, bundled data, local Ray + MLflow
+    python jobs/train.py                                   # the CPU miniature: a toy turbo model learns "sks"
     python jobs/train.py --config configs/zimage_turbo_lora.yaml data.path=s3://bucket/shards
     ray job submit -- python jobs/train.py --config configs/zimage_turbo_lora.yaml
 
@@ -18,12 +18,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing, e.g. un
 
 from dopsd_ray.config import ConfigError, load_config  # noqa: E402
 
-DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "toy.yaml"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/tiny.yaml)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/toy.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:

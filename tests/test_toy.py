@@ -1,5 +1,6 @@
 """The toy world, family and evaluator behind the CPU miniature (README, "The miniature")."""
 
+import json
 import pickle
 
 import pytest
@@ -102,19 +103,20 @@ def test_concept_dataset_and_prompts(tmp_path):
         Concept("sks", "teal", "cross")
 
 
-@pytest.mark.skipif(not (TOY_BASE_DIR / "unet").is_dir(), reason="the committed toy base is built by jobs/build_toy_base.py")
 def test_committed_base_samples_well_at_4_steps():
-    """Guards the committed weights against code drift (latent layout, contexts, schedule)."""
+    """The committed weights still sample as their recorded figures say (guards the latent
+    layout, contexts and schedule against code drift)."""
+    recorded = json.loads((TOY_BASE_DIR / "base_figures.json").read_text())["distilled"]
     family = ToyFamily.from_pretrained(TOY_BASE_DIR)
     evaluator = Evaluator.load(TOY_BASE_DIR / "evaluator.safetensors")
     images, items = renders(64, seed=5)
     assert evaluate(evaluator, images, items)["accuracy"] > 0.95  # the evaluator knows the world
     samples = sample(family, family.transformer, family.student_context([i.caption for i in items]), INFERENCE_STEPS, 0)
     scores = evaluate(evaluator, samples, items)
-    assert scores["colour_accuracy"] > 0.8 and scores["background_accuracy"] > 0.8, scores
-    assert scores["palette_share"] > 0.8, scores
-    # the teacher context: a placeholder word + the image renders the image's subject
+    assert scores["accuracy"] > recorded["4_steps"]["accuracy"] - 0.12, scores
+    assert scores["palette_share"] > recorded["4_steps"]["palette_share"] - 0.05, scores
+    # the teacher context: a placeholder word + the image renders the image's colour
     ctx = family.teacher_context([world.concept_caption("sks", i.background) for i in items],
                                  render_items(items, torch.Generator().manual_seed(9)))
     teacher = evaluate(evaluator, sample(family, family.transformer, ctx, INFERENCE_STEPS, 0), items)
-    assert teacher["colour_accuracy"] > 0.8, teacher
+    assert teacher["colour_accuracy"] > 0.9, teacher

@@ -1,12 +1,14 @@
 """A concept to bind to a new token, DreamBooth style, and the prompts it is judged on.
 
-    concept = Concept(token="sks", colour="yellow", shape="triangle")
+    concept = Concept(token="sks", colour="yellow", shape="triangle")   # a yellow triangle
+    concept = Concept(token="sks", colour="yellow")                     # anything yellow
     write_concept_dataset("data/toy_concept", concept)   # 4 PNGs + .txt captions
-    concept.train_items / concept.heldout_items / prior_items(concept)
+    concept.train_items / concept.heldout_items / prior_items(concept) / concept.shows(c, s)
 
 Training captions name the subject only by the token ("a sks on a black background"),
-on `train_backgrounds`; held-out prompts put the token on the other backgrounds. Prior
-retention is judged on held-in prompts of the world that do not show the concept.
+on `train_backgrounds`; held-out prompts put the token on the other backgrounds. With no
+shape the concept is the colour: its training images cycle through the world's shapes.
+Prior retention is judged on held-in prompts of the world that do not show the concept.
 
     python -m dopsd_ray.toy.concept data/toy_concept --token sks --colour yellow --shape triangle
 """
@@ -25,13 +27,13 @@ from . import world
 class Concept:
     token: str = "sks"
     colour: str = "yellow"
-    shape: str = "triangle"
+    shape: str | None = None  # None: the concept is the colour, on any shape
     train_backgrounds: tuple[str, ...] = ("black", "white")
     images: int = 4
 
     def __post_init__(self):
         for b in self.train_backgrounds:
-            world.check_item(self.colour, self.shape, b)
+            world.check_item(self.colour, self.shape or world.SHAPES[0], b)
         if not self.token or " " in self.token:
             raise ValueError(f"concept token must be one word, got {self.token!r}")
         if self.token in (*world.COLOURS, *world.SHAPES, *world.BACKGROUNDS, *world.PLACEHOLDERS):
@@ -45,14 +47,22 @@ class Concept:
     def prompt(self, background: str) -> str:
         return world.concept_caption(self.token, background)
 
+    def shape_at(self, i: int) -> str:
+        return self.shape or world.SHAPES[i % len(world.SHAPES)]
+
+    def shows(self, colour: str, shape: str) -> bool:
+        """Does an image of this colour and shape show the concept?"""
+        return colour == self.colour and (self.shape is None or shape == self.shape)
+
     @property
     def train_items(self) -> list[world.Item]:
         bgs = self.train_backgrounds
-        return [world.Item(self.colour, self.shape, bgs[i % len(bgs)]) for i in range(self.images)]
+        return [world.Item(self.colour, self.shape_at(i), bgs[i % len(bgs)]) for i in range(self.images)]
 
     @property
     def heldout_items(self) -> list[world.Item]:
-        return [world.Item(self.colour, self.shape, b) for b in self.heldout_backgrounds]
+        """One per held-out background (the shape cycles when the concept has none)."""
+        return [world.Item(self.colour, self.shape_at(i), b) for i, b in enumerate(self.heldout_backgrounds)]
 
 
 def prior_items(concept: Concept, n: int = 16, seed: int = 7) -> list[world.Item]:
@@ -79,7 +89,7 @@ def main(argv=None) -> None:
     parser.add_argument("folder")
     parser.add_argument("--token", default="sks")
     parser.add_argument("--colour", default="yellow")
-    parser.add_argument("--shape", default="triangle")
+    parser.add_argument("--shape", default=None, help="default: none, the concept is the colour")
     args = parser.parse_args(argv)
     print(write_concept_dataset(args.folder, Concept(args.token, args.colour, args.shape)))
 
