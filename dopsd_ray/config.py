@@ -122,7 +122,8 @@ class DataConfig(Section):
     max_aspect_ratio: float = Field(2.0, ge=1.0)
     caption: Literal["random", "first"] = "random"
     # Each image this many times per epoch: for a handful of images (DreamBooth style),
-    # fewer, longer epochs instead of one data pipeline restart per step.
+    # fewer, longer epochs instead of one data pipeline restart per step. The decoded
+    # dataset is then held in the object store: meant for small datasets.
     repeats: int = Field(1, ge=1)
 
 

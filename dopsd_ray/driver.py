@@ -71,7 +71,8 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     # 1. data (in a fixed order, so runs with the same seeds see the same batches)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset, data_stats = read_shards(cfg.data.path or sample_dataset_path(), cfg)
-    if cfg.data.repeats > 1:  # a handful of DreamBooth images: fewer, longer epochs
+    if cfg.data.repeats > 1:  # a handful of DreamBooth images: read once, fewer, longer epochs
+        dataset = dataset.materialize()
         dataset = dataset.union(*[dataset] * (cfg.data.repeats - 1))
     validation = take_validation(dataset, cfg)
 
