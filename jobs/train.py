@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # too many non-finite steps in a row: the message names the last checkpoint
+        print(f"error: training stopped: {err}", file=sys.stderr)
+        return 1
     print("\n== dopsd-ray: done ==")
     print(f"run directory:   {summary['run_dir']}")
     print(f"exported weights: {summary['export']}")

@@ -73,6 +73,15 @@ class Budget:
         return time.monotonic() < self.end
 
 
+def train_step(opt, model, ema, loss: torch.Tensor, ema_decay: float) -> None:
+    """backward, clip the grad norm to 1, AdamW step, EMA update (decay 0 copies)."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema_update(list(ema.parameters()), list(model.parameters()), ema_decay)
+
+
 def train_flow(family, minutes, batch_size, seed, lr=1e-3, ema_decay=0.999, log=print):
     """Flow matching (v = eps - x0, sigma ~ U(0, 1)) with an EMA copy; returns the EMA model."""
     model = family.transformer.train()
@@ -90,11 +99,7 @@ def train_flow(family, minutes, batch_size, seed, lr=1e-3, ema_decay=0.999, log=
         loss = (family.velocity(model, (1 - s) * x0 + s * eps, sigma, ctx) - (eps - x0)).pow(2).mean()
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 200)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema_update(list(ema.parameters()), list(model.parameters()), ema_decay if step > 200 else 0.0)
+        train_step(opt, model, ema, loss, ema_decay if step > 200 else 0.0)
         step += 1
         if step % 100 == 0:
             log(f"flow step {step}: loss {loss.item():.4f} ({step / (time.monotonic() - t0):.2f} steps/s)")
@@ -141,11 +146,7 @@ def distill(family, teacher, minutes, batch_size, seed, pool, lr=2e-4, ema_decay
         target = (x_next - x_k) / (s_next - s).view(-1, 1, 1, 1)
         ctx = ToyContext(feats[idx], masks[idx])
         loss = (family.velocity(student, x_k, s, ctx) - target).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        ema_update(list(ema.parameters()), list(student.parameters()), ema_decay if step > 100 else 0.0)
+        train_step(opt, student, ema, loss, ema_decay if step > 100 else 0.0)
         step += 1
         if step % 100 == 0:
             log(f"distill step {step}: loss {loss.item():.4f} ({step / (time.monotonic() - t0):.2f} steps/s)")
