@@ -15,3 +15,13 @@ def tiny_zimage_dir(tmp_path_factory):
     from dopsd_ray.families.zimage import build_tiny_zimage
 
     return build_tiny_zimage(tmp_path_factory.mktemp("tiny_zimage"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small local Ray for one test module's end-to-end runs."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

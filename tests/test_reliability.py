@@ -25,7 +25,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 from ray.train import Checkpoint
@@ -44,11 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ learner killed) and the re-run with the same train.run_name (resumes in the same
 from pathlib import Path
 
 import pytest
-import ray
-import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -20,11 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")
