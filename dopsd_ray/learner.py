@@ -237,20 +237,25 @@ class Learner:
                     continue
                 # version > step: made with a snapshot of a learner that died after this one's
                 # checkpoint (those weights are gone); older than max_staleness: too stale
-                if 0 <= self.step - exp.version <= self.cfg.runtime.max_staleness:
+                if 0 <= self.step - exp.version <= self.cfg.runtime.max_staleness and self.check_snapshot(exp):
                     break
                 dropped += 1  # never trained on
-            self.check_snapshot(exp)
             yield exp, time.perf_counter() - start, dropped
 
-    def check_snapshot(self, exp) -> None:
-        """debug_check_sync: the worker's weights must be exactly the snapshot of exp.version."""
+    def check_snapshot(self, exp) -> bool:
+        """debug_check_sync: the worker's weights must be exactly the snapshot of exp.version.
+
+        After a learner restart, a version past the resume point may have been made with the
+        dead learner's snapshot of that number: such a mismatch is dropped (False), not fatal."""
         if exp.snapshot_digest is None or exp.version not in self.published_digests:
-            return
+            return True
         if exp.snapshot_digest != self.published_digests[exp.version]:
+            if self.resumed_from is not None and exp.version > self.resumed_from:
+                return False
             raise RuntimeError(f"weight sync check failed: a rollout worker's student weights for version "
                                f"{exp.version} differ from the learner's gathered snapshot")
         self.counters["sync_checked"] += 1
+        return True
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """Every rank must agree, or the collectives inside backward would hang."""
