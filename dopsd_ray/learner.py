@@ -47,7 +47,7 @@ from .preview import sample_grid_for
 from .rollout import RolloutRestart
 from .sync.buckets import gather_zero3_buckets, weights_digest
 from .tracking import MlflowRun
-from .weights import STUDENT, TEACHER, ema_step, load_state_dict, make_weights
+from .weights import STUDENT, TEACHER, ema_step, make_weights
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
