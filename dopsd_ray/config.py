@@ -8,6 +8,7 @@ Unknown keys, wrong types and values outside their allowed range fail at load ti
 with a message naming the field and what is allowed.
 """
 
+import argparse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ DEFAULT_INFERENCE_STEPS = {"zimage": 8, "flux2_klein": 4, "toy": 4}
 # data.path when a family=toy config sets none.
 TOY_BASE_DIR = Path(__file__).resolve().parents[1] / "models" / "toy"
 TOY_CONCEPT_DIR = Path(__file__).resolve().parents[1] / "data" / "toy_concept"
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"  # what the jobs run with no --config
 
 
 class Section(BaseModel):
@@ -248,6 +250,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
+
+
+def config_from_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """The jobs' command line: adds --config and the section.key=value overrides to `parser`,
+    parses `argv` and loads the config. A bad one exits 2 with one `error:` line naming the field."""
+    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe (default: configs/toy.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        return args, load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

@@ -22,26 +22,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, e.g. under `ray job submit`
 
-from dopsd_ray.config import ConfigError, load_config  # noqa: E402
-
-DEFAULT_CONFIG = ROOT / "configs" / "toy.yaml"
+from dopsd_ray.config import config_from_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/toy.yaml)")
     parser.add_argument("--num", type=int, default=4, help="training pairs to preview (default 4)")
     parser.add_argument("--out", help="PNG to write (default: <run dir>/preview_teacher.png)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    args, cfg = config_from_cli(parser, argv)
     if args.num < 1:
         parser.error(f"--num must be at least 1, got {args.num}")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
     from dopsd_ray.data.stream import StreamSpec, read_shards, sample_dataset_path, take_validation
 

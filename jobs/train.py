@@ -16,21 +16,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, e.g. under `ray job submit`
 
-from dopsd_ray.config import ConfigError, load_config  # noqa: E402
-
-DEFAULT_CONFIG = ROOT / "configs" / "toy.yaml"
+from dopsd_ray.config import ConfigError, config_from_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/toy.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    _, cfg = config_from_cli(parser, argv)
 
     from dopsd_ray.driver import train
 

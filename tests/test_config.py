@@ -72,7 +72,10 @@ results = []
 for args in json.loads(sys.argv[2]):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = main(args)
+        try:
+            code = main(args)
+        except SystemExit as exit:  # a config that does not load: argparse-style exit
+            code = exit.code
     results.append({"code": code, "stderr": err.getvalue(), "ray_started": ray.is_initialized()})
 print("RESULTS " + json.dumps(results))
 """
@@ -99,7 +102,10 @@ def run_train_main(cases: list[list[str]]) -> tuple[list[dict], str]:
     for args in cases:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            code = main(args)
+            try:
+                code = main(args)
+            except SystemExit as exit:  # a config that does not load: argparse-style exit
+                code = exit.code
         results.append({"code": code, "stderr": err.getvalue(), "ray_started": ray.is_initialized()})
     return results, ""
 
