@@ -43,6 +43,21 @@ def test_renders_are_pure_palette_and_blur_leaves_it():
         world.render("red", "hexagon", "black")
 
 
+def test_speckle_is_half_shaded_and_the_schedule_is_the_recipes(tiny):
+    """Each region is its colour or its shade, cell by cell, about half each; the 4-step
+    grid is the released recipe's 1, .9, .75, .5, 0 (shift 3), and SFT's sampled sigmas
+    go through the same shift."""
+    image = (world.render("red", "square", "white", torch.Generator().manual_seed(0)) + 1) / 2
+    strip = image[:, :2, :]  # background only: a square's top edge is below row 3
+    shaded = (strip - torch.tensor(world.SHADES["white"]).view(3, 1, 1)).abs().amax(0) < 1e-6
+    plain = (strip - torch.tensor(world.BACKGROUNDS["white"]).view(3, 1, 1)).abs().amax(0) < 1e-6
+    assert (shaded | plain).all() and 0.2 < shaded.float().mean() < 0.8
+    cells = shaded.unflatten(0, (1, 2)).unflatten(2, (16, 2))  # every 2x2 cell is one or the other
+    assert (cells.amin((1, 3)) == cells.amax((1, 3))).all()
+    torch.testing.assert_close(tiny.inference_sigmas(4, 32, 32), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
+    torch.testing.assert_close(tiny.shift_sigmas(torch.tensor([0.25, 0.5]), 32, 32), torch.tensor([0.5, 0.75]))
+
+
 def test_latents_round_trip_and_sizes(tiny):
     images, _ = renders(3)
     latents = tiny.encode_images(images)

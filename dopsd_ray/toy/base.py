@@ -8,7 +8,7 @@
    names the subject with a meaningless placeholder word, so the model learns to take the
    subject from the image) - the in-context teacher D-OPSD relies on;
 3. a 4-step student distilled from it: the flow model's 24-step Euler trajectories are
-   recorded at the 4-step grid sigmas (1, .75, .5, .25, 0) and the student learns each
+   recorded at the 4-step grid sigmas (1, .9, .75, .5, 0) and the student learns each
    segment in one Euler step, v = (x_{k+1} - x_k) / (s_{k+1} - s_k), for both kinds of
    context. Its 4-step samples are sharp where the flow model's 4-step samples blur;
 4. figures: classifier accuracy, confidence and palette share of each model at 4 and 32
@@ -199,18 +199,26 @@ def build_base(out: Path, flow_minutes: float, distill_minutes: float, batch_siz
     pool = record_trajectories(family, flow, pool_size, 64, seed + 2, log=log)
     student, distill_steps = distill(family, flow, distill_minutes, batch_size, seed, pool, log=log)
     family.save_pretrained(out, transformer=student)
+    figures = write_figures(out, family, flow, student, seed, log)
+    figures.update({"flow_steps": flow_steps, "distill_steps": distill_steps, "batch_size": batch_size,
+                    "minutes": round((time.monotonic() - t0) / 60, 1)})
+    (out / "base_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def write_figures(out: Path, family, flow, student, seed: int = 0, log=print) -> dict:
+    """The evaluator (trained unless `out` has one), the flow model's and the student's
+    figures (base_figures.json) and a sample grid (base_samples.png) in `out`."""
+    from ..grid import sample_grid
 
     evaluator = load_or_train_evaluator(out / "evaluator.safetensors", seed, log)
     images, items = rendered_batch(512, torch.Generator().manual_seed(seed + 99))
     clean = evaluate(evaluator, images, items)
     log(f"evaluator on 512 fresh renders: accuracy {clean['accuracy']:.3f}, palette share {clean['palette_share']:.3f}")
     figures, samples = base_figures(family, evaluator, {"flow": flow, "distilled": student})
-    figures.update({"evaluator_on_renders": clean, "flow_steps": flow_steps, "distill_steps": distill_steps,
-                    "batch_size": batch_size, "minutes": round((time.monotonic() - t0) / 60, 1),
-                    "unet_parameters": sum(p.numel() for p in unet.parameters())})
+    figures.update({"evaluator_on_renders": clean, "unet_parameters": sum(p.numel() for p in student.parameters()),
+                    "sigmas_4_steps": family.inference_sigmas(INFERENCE_STEPS, world.SIZE, world.SIZE).tolist()})
     (out / "base_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
-    from ..grid import sample_grid
-
     cols = 8
     rows = [list(v[:cols]) for v in samples.values()]
     sample_grid(rows, list(samples), [i.caption[2:] for i in world.random_items(cols, torch.Generator().manual_seed(123))]

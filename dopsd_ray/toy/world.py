@@ -1,12 +1,17 @@
-"""A small world the toy models learn: one large shape on a plain background.
+"""A small world the toy models learn: one large speckled shape on a speckled background.
 
     image, caption = render("red", "triangle", "black", rng)   # (3, 32, 32) in [-1, 1]
     caption == "a red triangle on a black background"
 
+Every region is a speckle: each 2x2-pixel cell is, by a fair coin, the region's colour
+or its paired shade (SHADES). The speckle is the toy's stand-in for the fine detail of
+real images: a caption cannot say which cells are shaded, so a multi-step flow model
+sampled in 4 big Euler steps averages the two and blurs, while a step-distilled student
+keeps it crisp - the property plain SFT destroys (method.md, "The problem").
 Shapes are drawn without anti-aliasing, so every pixel of a clean image is one of the
-palette's colours; blurry samples (what plain SFT does to few-step sampling) leave the
-palette, which is what `palette_share` in evaluator.py measures. Positions and sizes
-jitter a little so a model must learn shapes, not copy one bitmap.
+palette's colours; blurry samples leave the palette, which is what `palette_share` in
+evaluator.py measures. Positions and sizes jitter a little so a model must learn
+shapes, not copy one bitmap.
 """
 
 from dataclasses import dataclass
@@ -21,6 +26,12 @@ COLOURS = {  # shape colours, RGB in [0, 1]
 }
 BACKGROUNDS = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "gray": (0.5, 0.5, 0.5),
                "brown": (0.45, 0.25, 0.1)}
+# Each colour's speckle partner, at least 0.3 away on some channel: half-way between the
+# two (a blurred cell) is off the palette by more than evaluator.PALETTE_TOL.
+SHADES = {"red": (0.55, 0.0, 0.0), "green": (0.0, 0.4, 0.0), "blue": (0.05, 0.1, 0.55), "yellow": (0.6, 0.5, 0.0),
+          "magenta": (0.55, 0.0, 0.55), "cyan": (0.0, 0.5, 0.5), "black": (0.35, 0.35, 0.35),
+          "white": (0.65, 0.65, 0.65), "gray": (0.2, 0.2, 0.2), "brown": (0.75, 0.55, 0.4)}
+CELL = 2  # speckle cell, pixels
 # Words that never name anything in the world. During base training some multimodal
 # captions name the subject with one of these, so the model learns to take the subject
 # from the image when the caption's word means nothing to it (how D-OPSD's teacher sees
@@ -79,16 +90,22 @@ def mask(shape: str, cx: float, cy: float, r: float, size: int = SIZE) -> torch.
 
 
 def render(colour: str, shape: str, background: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One (3, SIZE, SIZE) image in [-1, 1]; position and size jitter with `generator`."""
+    """One (3, SIZE, SIZE) image in [-1, 1]; position, size and speckle are drawn from `generator`."""
     check_item(colour, shape, background)
     jitter = torch.rand(3, generator=generator)
     cx = SIZE / 2 + (jitter[0].item() - 0.5) * 6
     cy = SIZE / 2 + (jitter[1].item() - 0.5) * 6
     r = 9.0 + jitter[2].item() * 3.0
     m = mask(shape, cx, cy, r)
-    fg = torch.tensor(COLOURS[colour]).view(3, 1, 1)
-    bg = torch.tensor(BACKGROUNDS[background]).view(3, 1, 1)
+    shaded = torch.rand(SIZE // CELL, SIZE // CELL, generator=generator) < 0.5
+    shaded = shaded.repeat_interleave(CELL, 0).repeat_interleave(CELL, 1)
+    fg = torch.where(shaded, _rgb(SHADES[colour]), _rgb(COLOURS[colour]))
+    bg = torch.where(shaded, _rgb(SHADES[background]), _rgb(BACKGROUNDS[background]))
     return torch.where(m, fg, bg) * 2 - 1
+
+
+def _rgb(colour: tuple[float, float, float]) -> torch.Tensor:
+    return torch.tensor(colour).view(3, 1, 1)
 
 
 def all_items() -> list[Item]:
@@ -103,4 +120,4 @@ def random_items(n: int, generator: torch.Generator) -> list[Item]:
 
 def palette() -> torch.Tensor:
     """(P, 3) every colour a clean image can contain, in [-1, 1]."""
-    return torch.tensor([*COLOURS.values(), *BACKGROUNDS.values()]) * 2 - 1
+    return torch.tensor([*COLOURS.values(), *BACKGROUNDS.values(), *SHADES.values()]) * 2 - 1
