@@ -13,6 +13,7 @@ The directory loads with ZImageFamily.from_pretrained (and model.path=... in a c
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -63,3 +64,14 @@ def build_bench_zimage(path: str | Path, dim: int = 512, layers: int = 4, refine
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def init_ray(**kwargs) -> None:
+    """The cluster's Ray under `ray job submit` (RAY_ADDRESS set), else a local Ray with
+    room for the benchmark's actors on a small machine."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False, **kwargs)
+    else:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, **kwargs)

@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
 
+from benchmarks.bench_model import init_ray  # noqa: E402
+
 
 def _storage_key(t):
     s = t.untyped_storage()
@@ -135,11 +137,7 @@ def main(argv=None) -> int:
     host = socket.gethostname()
     started = time.time()
     # PYTHONPATH: the workers import benchmarks.bench_model from this checkout
-    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: the cluster's Ray
-        ray.init(log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    else:  # a local Ray with room for the actors on a small machine
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    init_ray(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     per_ranks = {}
     try:
         for n in [int(x) for x in args.ranks.split(",") if x]:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.bench_model import make_transformer  # noqa: E402
+from benchmarks.bench_model import init_ray, make_transformer  # noqa: E402
 from dopsd_ray.config import RuntimeConfig  # noqa: E402
 from dopsd_ray.families.zimage import LORA_TARGETS  # noqa: E402
 from dopsd_ray.sync.buckets import split_into_buckets  # noqa: E402
@@ -183,10 +183,7 @@ def main(argv=None) -> int:
 
     host = socket.gethostname()
     states = payloads(args.dim, args.layers, args.lora_rank)
-    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: the cluster's Ray
-        ray.init(log_to_driver=False)
-    else:  # a local Ray with room for the actors on a small machine
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    init_ray()
     started = time.time()
     rows = {}
     try:
