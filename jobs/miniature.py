@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,10 +39,13 @@ SAMPLES_PER_PROMPT = 24  # per held-out background
 METRICS = ("concept", "quality", "confidence", "prior")
 
 
-def load_student(base: Path, lora_dir: str | None) -> ToyFamily:
+def load_student(base: Path, export: str | None) -> ToyFamily:
+    """The base, with a run's export: a LoRA file, or (lora.enabled=false) a whole UNet folder."""
     family = ToyFamily.from_pretrained(base)
-    if lora_dir is not None:
-        family.transformer.load_lora_adapter(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"), prefix="unet")
+    if export is not None and (Path(export) / "pytorch_lora_weights.safetensors").is_file():
+        family.transformer.load_lora_adapter(str(Path(export) / "pytorch_lora_weights.safetensors"), prefix="unet")
+    elif export is not None:
+        family.transformer = UNet2DConditionModel.from_pretrained(export).eval().requires_grad_(False)
     return family
 
 
