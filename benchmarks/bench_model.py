@@ -75,3 +75,14 @@ def init_ray(**kwargs) -> None:
         ray.init(log_to_driver=False, **kwargs)
     else:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, **kwargs)
+
+
+def write_result(result: dict, out: str | None, name: str) -> Path:
+    """`result` as JSON at `out`, default benchmarks/results/<name>-<host>.json."""
+    import socket
+
+    path = Path(out) if out else Path(__file__).resolve().parent / "results" / f"{name}-{socket.gethostname()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
+    return path

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
 
-from benchmarks.bench_model import init_ray  # noqa: E402
+from benchmarks.bench_model import init_ray, write_result  # noqa: E402
 
 
 def _storage_key(t):
@@ -164,10 +164,7 @@ def main(argv=None) -> int:
               f"{'MET' if ratio <= 0.6 else 'MISSED'}")
     result = {"host": host, "cpu_count": os.cpu_count(), "args": vars(args), "ranks": per_ranks,
               "summary": summary, "targets": targets, "seconds": time.time() - started}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"memory-{host}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    write_result(result, args.out, "memory")
     return 0
 
 

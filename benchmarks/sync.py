@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.bench_model import init_ray, make_transformer  # noqa: E402
+from benchmarks.bench_model import init_ray, make_transformer, write_result  # noqa: E402
 from dopsd_ray.config import RuntimeConfig  # noqa: E402
 from dopsd_ray.families.zimage import LORA_TARGETS  # noqa: E402
 from dopsd_ray.sync.buckets import split_into_buckets  # noqa: E402
@@ -219,10 +219,7 @@ def main(argv=None) -> int:
               f"{'MET' if t['met'] else 'MISSED'}")
     result = {"host": host, "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "args": vars(args),
               "learner_step_seconds": step, "rows": rows, "targets": targets, "seconds": time.time() - started}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"sync-{host}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    write_result(result, args.out, "sync")
     return 0
 
 

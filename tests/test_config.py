@@ -64,40 +64,13 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
         load_config(None, ["optim.lr"])
 
 
-BEFORE_RAY = r"""
+CALL_MAIN = r"""
 import contextlib, io, json, runpy, sys
 import ray
-main = runpy.run_path(sys.argv[1], run_name="jobs_train")["main"]
-results = []
-for args in json.loads(sys.argv[2]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = main(args)
-        except SystemExit as exit:  # a config that does not load: argparse-style exit
-            code = exit.code
-    results.append({"code": code, "stderr": err.getvalue(), "ray_started": ray.is_initialized()})
-print("RESULTS " + json.dumps(results))
-"""
 
 
-def run_train_main(cases: list[list[str]]) -> tuple[list[dict], str]:
-    """jobs/train.py's main(args) for each case: exit code, stderr, and whether Ray was started.
-    In this process when Ray is not up here yet (the imports are shared with later tests),
-    else in a fresh one."""
-    import ray
-
-    if ray.is_initialized():
-        env = dict(os.environ, RAY_ADDRESS="local")
-        done = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(ROOT / "jobs" / "train.py"), json.dumps(cases)],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.split("RESULTS ", 1)[1]), done.stderr
-    import contextlib
-    import io
-    import runpy
-
-    main = runpy.run_path(str(ROOT / "jobs" / "train.py"), run_name="jobs_train")["main"]
+def call_main(script, cases):
+    main = runpy.run_path(script, run_name="jobs_train")["main"]
     results = []
     for args in cases:
         err = io.StringIO()
@@ -107,7 +80,30 @@ def run_train_main(cases: list[list[str]]) -> tuple[list[dict], str]:
             except SystemExit as exit:  # a config that does not load: argparse-style exit
                 code = exit.code
         results.append({"code": code, "stderr": err.getvalue(), "ray_started": ray.is_initialized()})
-    return results, ""
+    return results
+
+
+if __name__ == "__main__":
+    print("RESULTS " + json.dumps(call_main(sys.argv[1], json.loads(sys.argv[2]))))
+"""
+
+
+def run_train_main(cases: list[list[str]]) -> tuple[list[dict], str]:
+    """jobs/train.py's main(args) for each case: exit code, stderr, and whether Ray was started.
+    In this process when Ray is not up here yet (the imports are shared with later tests),
+    else in a fresh one."""
+    import ray
+
+    script = str(ROOT / "jobs" / "train.py")
+    if ray.is_initialized():
+        env = dict(os.environ, RAY_ADDRESS="local")
+        done = subprocess.run([sys.executable, "-c", CALL_MAIN, script, json.dumps(cases)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.split("RESULTS ", 1)[1]), done.stderr
+    namespace = {"__name__": "call_main"}
+    exec(CALL_MAIN, namespace)
+    return namespace["call_main"](script, cases), ""
 
 
 def test_bad_configuration_fails_before_any_ray_work_naming_the_field(tmp_path, monkeypatch):
