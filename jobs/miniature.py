@@ -42,9 +42,12 @@ METRICS = ("concept", "quality", "confidence", "prior")
 def load_student(base: Path, export: str | None) -> ToyFamily:
     """The base, with a run's export: a LoRA file, or (lora.enabled=false) a whole UNet folder."""
     family = ToyFamily.from_pretrained(base)
-    if export is not None and (Path(export) / "pytorch_lora_weights.safetensors").is_file():
-        family.transformer.load_lora_adapter(str(Path(export) / "pytorch_lora_weights.safetensors"), prefix="unet")
-    elif export is not None:
+    if export is None:
+        return family
+    lora = Path(export) / "pytorch_lora_weights.safetensors"
+    if lora.is_file():
+        family.transformer.load_lora_adapter(str(lora), prefix="unet")
+    else:
         family.transformer = UNet2DConditionModel.from_pretrained(export).eval().requires_grad_(False)
     return family
 
@@ -58,6 +61,12 @@ def concept_scores(evaluator: Evaluator, samples: torch.Tensor, concept: Concept
     return {"concept": statistics.mean(shows), "concept_background": statistics.mean(background)}
 
 
+def quality_scores(evaluator: Evaluator, samples: torch.Tensor) -> dict:
+    """4-step quality: mean palette share (falls when samples blur) and classifier confidence."""
+    _, confidence = predict(evaluator, samples)
+    return {"quality": palette_share(samples).mean().item(), "confidence": confidence.mean().item()}
+
+
 def heldout_prompts(concept: Concept) -> list[world.Item]:
     return [i for i in concept.heldout_items for _ in range(SAMPLES_PER_PROMPT)]
 
@@ -69,10 +78,8 @@ def score(family: ToyFamily, evaluator: Evaluator, concept: Concept, seed: int =
                              family.student_context([concept.prompt(i.background) for i in heldout]), INFERENCE_STEPS, seed)
     prior_samples = sample(family, family.transformer, family.student_context([i.caption for i in prior]),
                            INFERENCE_STEPS, seed + 1)
-    both = torch.cat([concept_samples, prior_samples])
-    _, confidence = predict(evaluator, both)
     scores = {**concept_scores(evaluator, concept_samples, concept, heldout),
-              "quality": palette_share(both).mean().item(), "confidence": confidence.mean().item(),
+              **quality_scores(evaluator, torch.cat([concept_samples, prior_samples])),
               "prior": evaluate(evaluator, prior_samples, prior)["accuracy"]}
     picks = torch.arange(8) * len(heldout) // 8
     return scores, {"concept": concept_samples[picks], "prior": prior_samples[::4][:8]}
@@ -85,9 +92,7 @@ def teacher_score(family: ToyFamily, evaluator: Evaluator, concept: Concept, see
     targets = render_items([train[i % len(train)] for i in range(len(heldout))], torch.Generator().manual_seed(seed))
     ctx = family.teacher_context([concept.prompt(i.background) for i in heldout], targets)
     samples = sample(family, family.transformer, ctx, INFERENCE_STEPS, seed)
-    _, confidence = predict(evaluator, samples)
-    return {**concept_scores(evaluator, samples, concept, heldout), "quality": palette_share(samples).mean().item(),
-            "confidence": confidence.mean().item()}
+    return {**concept_scores(evaluator, samples, concept, heldout), **quality_scores(evaluator, samples)}
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -207,8 +207,8 @@ def build_base(out: Path, flow_minutes: float, distill_minutes: float, batch_siz
 
 
 def write_figures(out: Path, family, flow, student, seed: int = 0, log=print) -> dict:
-    """The evaluator (trained unless `out` has one), the flow model's and the student's
-    figures (base_figures.json) and a sample grid (base_samples.png) in `out`."""
+    """The evaluator (trained unless `out` has one) and a sample grid (base_samples.png)
+    in `out`; returns the flow model's and the student's figures, for base_figures.json."""
     from ..grid import sample_grid
 
     evaluator = load_or_train_evaluator(out / "evaluator.safetensors", seed, log)
@@ -218,7 +218,6 @@ def write_figures(out: Path, family, flow, student, seed: int = 0, log=print) ->
     figures, samples = base_figures(family, evaluator, {"flow": flow, "distilled": student})
     figures.update({"evaluator_on_renders": clean, "unet_parameters": sum(p.numel() for p in student.parameters()),
                     "sigmas_4_steps": family.inference_sigmas(INFERENCE_STEPS, world.SIZE, world.SIZE).tolist()})
-    (out / "base_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     cols = 8
     rows = [list(v[:cols]) for v in samples.values()]
     sample_grid(rows, list(samples), [i.caption[2:] for i in world.random_items(cols, torch.Generator().manual_seed(123))]
