@@ -2,10 +2,12 @@
 
     python jobs/miniature.py                                  # sks = anything yellow, 3 seeds
     python jobs/miniature.py --token ohwx --colour cyan --shape cross --seeds 0 1
+    python jobs/miniature.py --class-images 10 lora.enabled=false optim.lr=1e-4 train.steps=200 --seeds 0 1
+                                                              # full fine-tuning + prior preservation
 
 For each method and seed it trains through the framework's normal entry point
 (dopsd_ray.driver.train with configs/toy.yaml: local Ray, Ray Train + DeepSpeed, MLflow),
-with the same steps and learning rate, then loads the exported LoRA and scores 4-step
+with the same steps and learning rate, then loads the export (LoRA file or UNet folder) and scores 4-step
 samples with the toy evaluator:
 - concept accuracy: held-out prompts "a sks on a <background not seen in training>",
   the concept's colour (and shape, when it has one) right;
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
     parser.add_argument("--token", default="sks")
     parser.add_argument("--colour", default="yellow")
     parser.add_argument("--shape", default=None, help="default: none, the concept is the colour on any shape")
+    parser.add_argument("--class-images", type=int, default=0,
+                        help="DreamBooth prior preservation: renders of other world items added to the training data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["sft", "dopsd"], choices=["sft", "dopsd"])
     parser.add_argument("--base", default=str(TOY_BASE_DIR))
@@ -135,12 +139,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     out = Path(args.out).resolve()
     concept = Concept(args.token, args.colour, args.shape)
-    data = write_concept_dataset(out / "data", concept)
+    data = write_concept_dataset(out / "data", concept, class_images=args.class_images)
     evaluator = Evaluator.load(Path(args.base) / "evaluator.safetensors")
 
     family = load_student(Path(args.base), None)
     base, base_samples = score(family, evaluator, concept)
     results = {"concept": vars(concept) | {"heldout_backgrounds": concept.heldout_backgrounds},
+               "class_images": args.class_images, "overrides": args.overrides,
                "base": base, "teacher": teacher_score(family, evaluator, concept)}
     print(f"base: {base}\nteacher context: {results['teacher']}", flush=True)
     if results["teacher"]["concept"] < 0.5:

@@ -11,7 +11,7 @@ from dopsd_ray.config import TOY_BASE_DIR
 from dopsd_ray.families.toy import INFERENCE_STEPS, LORA_TARGETS, ToyFamily, ToyPipeline, build_tiny_toy
 from dopsd_ray.toy import world
 from dopsd_ray.toy.base import render_items, sample
-from dopsd_ray.toy.concept import Concept, prior_items, write_concept_dataset
+from dopsd_ray.toy.concept import Concept, class_items, prior_items, write_concept_dataset
 from dopsd_ray.toy.evaluator import Evaluator, evaluate, palette_share, rendered_batch
 from dopsd_ray.weights import LoraWeights, state_dict
 
@@ -116,6 +116,23 @@ def test_concept_dataset_and_prompts(tmp_path):
         Concept("red")
     with pytest.raises(ValueError, match="unknown colour 'teal'"):
         Concept("sks", "teal", "cross")
+
+
+def test_class_images_preserve_the_prior_without_touching_its_test(tmp_path):
+    """Prior-preservation renders: captioned world items over every other colour, never the
+    concept nor a prior-retention prompt; a re-run with fewer leaves no stale files."""
+    concept = Concept("sks", "cyan", "cross")
+    folder = write_concept_dataset(tmp_path / "c", concept, class_images=10)
+    extra = sorted(folder.glob("class_*.png"))
+    items = class_items(concept, 10)
+    assert len(extra) == 10 and len(set(items)) == 10
+    assert {p.with_suffix(".txt").read_text().strip() for p in extra} == {i.caption for i in items}
+    assert not set(items) & set(prior_items(concept)) and not any(concept.shows(i.colour, i.shape) for i in items)
+    assert {i.colour for i in items} == set(world.COLOURS) - {"cyan"}
+    write_concept_dataset(folder, concept)
+    assert len(list(folder.glob("*.png"))) == 4
+    with pytest.raises(ValueError, match="class_images=1000"):
+        class_items(concept, 1000)
 
 
 def test_committed_base_samples_well_at_4_steps():

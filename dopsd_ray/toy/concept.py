@@ -4,11 +4,15 @@
     concept = Concept(token="sks", colour="yellow")                     # anything yellow
     write_concept_dataset("data/toy_concept", concept)   # 4 PNGs + .txt captions
     concept.train_items / concept.heldout_items / prior_items(concept) / concept.shows(c, s)
+    write_concept_dataset("data/c", concept, class_images=10)  # + DreamBooth prior preservation
 
 Training captions name the subject only by the token ("a sks on a black background"),
 on `train_backgrounds`; held-out prompts put the token on the other backgrounds. With no
 shape the concept is the colour: its training images cycle through the world's shapes.
 Prior retention is judged on held-in prompts of the world that do not show the concept.
+DreamBooth's prior preservation, as data: `class_images` renders of other world items
+(captioned as usual, spread evenly over the other colours, none of them a prior-retention
+prompt) join the training set, the same for every method.
 
     python -m dopsd_ray.toy.concept data/toy_concept --token sks --colour yellow --shape triangle
 """
@@ -72,15 +76,40 @@ def prior_items(concept: Concept, n: int = 16, seed: int = 7) -> list[world.Item
     return [items[i] for i in order[:n]]
 
 
-def write_concept_dataset(folder: str | Path, concept: Concept, seed: int = 0) -> Path:
-    """The concept's training images as an image folder (PNG + same-name .txt caption)."""
+def class_items(concept: Concept, n: int, seed: int = 11) -> list[world.Item]:
+    """Prior-preservation items: n world items not showing the concept and not among
+    `prior_items` (retention stays judged on unseen prompts), as evenly spread over the
+    other colours as n allows."""
+    held = set(prior_items(concept))
+    pool = [i for i in world.all_items() if i.colour != concept.colour and i not in held]
+    colours = [c for c in world.COLOURS if c != concept.colour]
+    quota = -(-n // len(colours))
+    picked, per_colour = [], dict.fromkeys(colours, 0)
+    for k in torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist():
+        if len(picked) < n and per_colour[pool[k].colour] < quota:
+            picked.append(pool[k])
+            per_colour[pool[k].colour] += 1
+    if len(picked) < n:
+        raise ValueError(f"class_images={n}: only {len(picked)} world items are neither the concept "
+                         "nor a prior-retention prompt")
+    return picked
+
+
+def write_concept_dataset(folder: str | Path, concept: Concept, seed: int = 0, class_images: int = 0) -> Path:
+    """The concept's training images (and `class_images` prior-preservation renders) as an
+    image folder (PNG + same-name .txt caption)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("class_*"):  # a re-run with fewer class images must not keep stale ones
+        old.unlink()
     g = torch.Generator().manual_seed(seed)
-    for i, item in enumerate(concept.train_items):
-        stem = folder / f"{i:02d}_{concept.token}_{item.background}"
-        tensor_to_pil(world.render(item.colour, item.shape, item.background, g)).save(stem.with_suffix(".png"))
-        stem.with_suffix(".txt").write_text(concept.prompt(item.background) + "\n")
+    rows = [(f"{i:02d}_{concept.token}_{item.background}", item, concept.prompt(item.background))
+            for i, item in enumerate(concept.train_items)]
+    rows += [(f"class_{i:02d}_{item.colour}_{item.shape}_{item.background}", item, item.caption)
+             for i, item in enumerate(class_items(concept, class_images))]
+    for stem, item, caption in rows:
+        tensor_to_pil(world.render(item.colour, item.shape, item.background, g)).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(caption + "\n")
     return folder
 
 
@@ -90,8 +119,10 @@ def main(argv=None) -> None:
     parser.add_argument("--token", default="sks")
     parser.add_argument("--colour", default="yellow")
     parser.add_argument("--shape", default=None, help="default: none, the concept is the colour")
+    parser.add_argument("--class-images", type=int, default=0, help="prior-preservation renders to add")
     args = parser.parse_args(argv)
-    print(write_concept_dataset(args.folder, Concept(args.token, args.colour, args.shape)))
+    print(write_concept_dataset(args.folder, Concept(args.token, args.colour, args.shape),
+                                class_images=args.class_images))
 
 
 if __name__ == "__main__":
