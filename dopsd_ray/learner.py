@@ -18,8 +18,10 @@ Faults (README "Faults and what happens"):
 - a killed learner rank: Ray Train restarts the group (FailureConfig) and setup()
   resumes from the newest complete checkpoint (checkpoint.usable_checkpoint), in the
   same MLflow run; `learner/resumed_from_step` marks where. It re-publishes its weights
-  at the resumed step; queued experiences of later versions (made with the dead
-  learner's snapshots) are dropped and counted with the stale ones.
+  at the resumed step under a new generation (every learner process picks its own, so
+  no snapshot of a dead learner shares a (version, generation) with a live one's);
+  experiences made with another generation's snapshots are dropped and counted with the
+  stale ones, whatever their version.
 - a restarted rollout worker announces itself with a RolloutRestart in the experience
   queue: counted in `count/rollout_restarts`.
 
@@ -120,6 +122,7 @@ class Learner:
         self.consecutive_skips = 0  # non-finite steps in a row
         self.counters = {"skipped_nonfinite": 0, "dropped_stale": 0, "sync_checked": 0, "rollout_restarts": 0}
         self.resumed_from: int | None = None  # the checkpoint step this process resumed from
+        self.generation = 0  # this learner process's stamp on its snapshots (setup)
         self.published_digests: dict[int, str] = {}  # debug_check_sync: version -> student fingerprint
 
     # -- setup ---------------------------------------------------------------------
@@ -149,6 +152,7 @@ class Learner:
             state.restore_optimizer(self.optimizer)
             self.step, self.counters = state.step, {**self.counters, **state.counters}
             self.resumed_from = state.step
+        self.generation = self.agree(time.time_ns())  # rank 0's clock: unique per learner process
         self.mlflow = MlflowRun.attach(*self.tracking) if self.rank == 0 and self.tracking else None
         self.data = ray.train.get_dataset_shard("train") if self.queue is None else None
         self._sigmas = {}
@@ -235,23 +239,20 @@ class Learner:
                     print(f"rollout worker {exp.index} restarted (restarts so far: "
                           f"{self.counters['rollout_restarts']})", flush=True)
                     continue
-                # version > step: made with a snapshot of a learner that died after this one's
-                # checkpoint (those weights are gone); older than max_staleness: too stale
-                if 0 <= self.step - exp.version <= self.cfg.runtime.max_staleness and self.check_snapshot(exp):
+                # another generation: made with a dead learner's snapshot; older than max_staleness:
+                # too stale
+                if (exp.generation == self.generation and 0 <= self.step - exp.version <= self.cfg.runtime.max_staleness
+                        and self.check_snapshot(exp)):
                     break
                 dropped += 1  # never trained on
             yield exp, time.perf_counter() - start, dropped
 
     def check_snapshot(self, exp) -> bool:
-        """debug_check_sync: the worker's weights must be exactly the snapshot of exp.version.
-
-        After a learner restart, a version past the resume point may have been made with the
-        dead learner's snapshot of that number: such a mismatch is dropped (False), not fatal."""
+        """debug_check_sync: the worker's weights must be exactly this process's snapshot of
+        exp.version (exp is of this generation)."""
         if exp.snapshot_digest is None or exp.version not in self.published_digests:
             return True
         if exp.snapshot_digest != self.published_digests[exp.version]:
-            if self.resumed_from is not None and exp.version > self.resumed_from:
-                return False
             raise RuntimeError(f"weight sync check failed: a rollout worker's student weights for version "
                                f"{exp.version} differ from the learner's gathered snapshot")
         self.counters["sync_checked"] += 1
@@ -259,10 +260,18 @@ class Learner:
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """Every rank must agree, or the collectives inside backward would hang."""
-        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
+
+    def agree(self, value: int) -> int:
+        """Rank 0's value, on every rank (a tensor on the model's device: gloo or NCCL)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.family.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
 
     def optimizer_step(self, loss: torch.Tensor) -> bool:
         """backward, clip, AdamW step; False (nothing applied) if the loss or the gradients are
@@ -309,7 +318,7 @@ class Learner:
                 {k: v for b in buckets for k, v in b.items() if not k.startswith(f"{TEACHER}/")})
         sync = {"sync/bytes": 0}
         if self.rank == 0:
-            sync = self.publisher.publish(self.step, named, buckets)
+            sync = self.publisher.publish(self.step, named, buckets, generation=self.generation)
         else:
             for _ in buckets:  # take part in every gather
                 pass

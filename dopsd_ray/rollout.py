@@ -76,23 +76,23 @@ class RolloutWorker:
         self.family = load_family(self.cfg.model, model_path, device=device)
         self.weights = make_weights(self.family.transformer, self.cfg.lora, lora_targets(self.cfg.model.family))
         self.weights.module.requires_grad_(False)
-        self.version = -1
+        self.version, self.generation = -1, 0  # the snapshot held: learner step, learner process
         self.produced = 0  # experiences made with the current snapshot
         self.stats = {"sync_seconds": 0.0, "sync_bytes": 0, "snapshots": 0}
         self._stop = threading.Event()
         self.receiver: CollectiveReceiver | None = None  # collective transport only
-        self._staged = None  # collective: (version, state, bytes, seconds) received, not yet swapped in
+        self._staged = None  # collective: (version, generation, state, bytes, seconds) received, not swapped in
         self._staged_lock = threading.Lock()
         self.restarted = restarted_actor()
 
     # -- weights ---------------------------------------------------------------------
-    def load_snapshot(self, version: int, state: dict[str, torch.Tensor]) -> None:
+    def load_snapshot(self, version: int, generation: int, state: dict[str, torch.Tensor]) -> None:
         teacher = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{TEACHER}/")}
         student = {k: v for k, v in state.items() if not k.startswith(f"{TEACHER}/")}
         load_state_dict(self.weights, student, STUDENT)
         if teacher:
             load_state_dict(self.weights, teacher, TEACHER)
-        self.version, self.produced = version, 0
+        self.version, self.generation, self.produced = version, generation, 0
 
     def update_weights(self, store) -> bool:
         """Swap in a newer snapshot if there is one (call only between roll-outs)."""
@@ -100,18 +100,18 @@ class RolloutWorker:
         got = self.next_snapshot(store)
         if got is None:
             return False
-        version, state, nbytes, received_s = got
-        self.load_snapshot(version, state)
+        version, generation, state, nbytes, received_s = got
+        self.load_snapshot(version, generation, state)
         self.stats["sync_seconds"] += received_s + time.perf_counter() - start
         self.stats["sync_bytes"] += nbytes
         self.stats["snapshots"] += 1
         return True
 
     def next_snapshot(self, store):
-        """(version, state, bytes, seconds spent receiving elsewhere) or None; the one place the
-        transports differ: store is the WeightStore (object_store), or None (collective)."""
+        """(version, generation, state, bytes, seconds spent receiving elsewhere) or None; the one
+        place the transports differ: store is the WeightStore (object_store), or None (collective)."""
         if store is not None:
-            got = fetch_snapshot(store, self.version, timeout_s=self.cfg.runtime.sync_timeout_s)
+            got = fetch_snapshot(store, self.version, self.cfg.runtime.sync_timeout_s, self.generation)
             return None if got is None else (*got, 0.0)
         with self._staged_lock:
             staged, self._staged = self._staged, None
@@ -137,7 +137,7 @@ class RolloutWorker:
         start = time.perf_counter()
         state = self.receiver.receive(meta)
         with self._staged_lock:  # a newer snapshot replaces one not yet swapped in
-            self._staged = (meta.version, state, meta.nbytes, time.perf_counter() - start)
+            self._staged = (meta.version, meta.generation, state, meta.nbytes, time.perf_counter() - start)
         return meta.version
 
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
@@ -151,6 +151,7 @@ class RolloutWorker:
         sigmas = training_sigmas(algo.training_sigmas, self.family, h, w, algo.inference_steps)
         with_targets = self.cfg.runtime.teacher_targets == "rollout"
         exp = make_experience(self.family, self.weights, batch, sigmas, algo, self.version, with_targets)
+        exp.generation = self.generation
         if self.cfg.runtime.debug_check_sync:
             exp.snapshot_digest = weights_digest(state_dict(self.weights, STUDENT))
         self.produced += 1

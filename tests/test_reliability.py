@@ -15,6 +15,7 @@ descend from this test process, so nothing else on the machine is touched.
 import json
 import math
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -34,9 +35,11 @@ from dopsd_ray.checkpoint import (
     check_checkpoint, checkpoint_dir_name, latest_checkpoint, load_checkpoint, upload_checkpoint,
     usable_checkpoint, write_checkpoint_files,
 )
+from dopsd_ray.algorithms.steps import Experience
 from dopsd_ray.config import load_config
 from dopsd_ray.driver import train
 from dopsd_ray.families import pipeline_class
+from dopsd_ray.learner import Learner
 from dopsd_ray.weights import FullWeights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,6 +225,21 @@ def test_flux2_klein_async_sft_resumes_from_the_last_checkpoint_after_a_killed_l
     assert check_checkpoint(summary["checkpoint"]) is None
     print(f"\nlearner pid {learner.killed_pid} killed with the step-{learner.seen} checkpoint registered; resumed "
           f"at step {resumed_at}; steps logged {before} then {after}; one MLflow run {run_id}")
+
+
+def test_a_restarted_learner_never_trains_on_a_dead_learners_snapshots(out):
+    """After a restart the new learner re-uses step numbers the dead one published; its own
+    generation tells its snapshots apart: an experience made with the dead learner's weights
+    is dropped (and counted) whatever its version, one of its own within max_staleness is
+    trained on. A real Learner reading a real queue."""
+    cfg = config(out, "generations", "runtime.mode=disaggregated", "runtime.max_staleness=1", steps=1)
+    learner = Learner({"config": cfg.model_dump(), "model_path": None, "experience_queue": queue.Queue()})
+    learner.step, learner.generation = 6, 2
+    made = [(6, 1), (5, 1), (7, 2), (4, 2), (6, 2), (5, 2)]  # (version, generation); generation 1 is dead
+    for version, generation in made:
+        learner.queue.put(Experience([f"{version}/{generation}"], version, "sft", None, generation=generation))
+    batches = learner.batches()
+    assert [(e.ids, d) for e, _, d in (next(batches), next(batches))] == [(["6/2"], 4), (["5/2"], 0)]
 
 
 # -- 5. a re-run whose steps blow up -----------------------------------------------------------

@@ -107,13 +107,13 @@ class StoreLearner:
 
 class StoreWorker:
     def __init__(self):
-        self.version = -1
+        self.version, self.generation = -1, 0
 
     def fetch(self, store):
-        got = fetch_snapshot(store, self.version, timeout_s=30)
+        got = fetch_snapshot(store, self.version, 30, self.generation)
         if got is None:
             return None
-        self.version = got[0]
+        self.version, self.generation = got[:2]
         return got
 
 
@@ -129,18 +129,25 @@ def test_object_store_round_trip_to_two_workers(local_ray):
     version, refs, meta = ray.get(store.latest.remote())
     assert version == 5 and len(refs) == meta["buckets"] == len(split_into_buckets(state, 100))
 
-    for version, got, got_bytes in ray.get([w.fetch.remote(store) for w in workers]):
-        assert version == 5 and got_bytes == nbytes
+    for version, generation, got, got_bytes in ray.get([w.fetch.remote(store) for w in workers]):
+        assert (version, generation) == (5, 0) and got_bytes == nbytes
         assert_same_weights(state, got)
     assert ray.get([w.fetch.remote(store) for w in workers]) == [None, None]  # up to date
 
     # a restarted learner resumes from an older checkpoint and re-publishes a LOWER version
     older = tiny_state(seed=1)
     publish_snapshot(store, 3, split_into_buckets(older, 100))  # from this process: any process can publish
-    for version, got, _ in ray.get([w.fetch.remote(store) for w in workers]):
+    for version, _, got, _ in ray.get([w.fetch.remote(store) for w in workers]):
         assert version == 3
         assert_same_weights(older, got)
     assert ray.get(store.stats.remote())["rollbacks"] == 1
+    # ... or the SAME version as a dead learner's snapshot: a new generation is a new snapshot
+    newer = tiny_state(seed=2)
+    publish_snapshot(store, 3, split_into_buckets(newer, 100), generation=7)
+    for version, generation, got, _ in ray.get([w.fetch.remote(store) for w in workers]):
+        assert (version, generation) == (3, 7)
+        assert_same_weights(newer, got)
+    assert ray.get([w.fetch.remote(store) for w in workers]) == [None, None]
     for a in [store, learner, *workers]:
         ray.kill(a)
 

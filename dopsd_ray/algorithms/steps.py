@@ -63,7 +63,7 @@ class Experience:
     """What a rollout worker hands the learner: one roll-out of one batch."""
 
     ids: list[str]
-    version: int  # weight snapshot that produced it
+    version: int  # weight snapshot that produced it: the learner step it was taken at
     algorithm: str  # "dopsd" | "sft"
     student_context: Any
     teacher_context: Any = None
@@ -76,6 +76,7 @@ class Experience:
     sft_sigmas: torch.Tensor | None = None  # sft: (B,)
     rollout_seconds: float = 0.0
     snapshot_digest: str | None = None  # debug: fingerprint of the worker's student weights
+    generation: int = 0  # which learner process published that snapshot (Learner.generation)
 
     @property
     def num_trained_states(self) -> int:

@@ -26,8 +26,10 @@ class WeightPublisher(Protocol):
     def open(self) -> None:
         """Set up, once per learner process, before the first publish."""
 
-    def publish(self, version: int, named: list, buckets: Iterable[dict]) -> dict:
-        """Ship one snapshot, stamped `version`, and return metrics (at least "sync/bytes").
+    def publish(self, version: int, named: list, buckets: Iterable[dict], generation: int = 0) -> dict:
+        """Ship one snapshot, stamped `version` (the learner's step) and `generation` (which
+        learner process: a restarted learner re-publishes step numbers a dead one used), and
+        return metrics (at least "sync/bytes").
 
         `buckets` yields {name: full tensor}, gathered from the (name, tensor) list `named`
         with runtime.sync_bucket_numel; it may be a generator that runs ZeRO-3 gathers.

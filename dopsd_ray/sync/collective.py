@@ -97,17 +97,20 @@ class BucketSpec:
 
 @dataclass(frozen=True)
 class SnapshotMeta:
-    """What the workers need before the broadcasts: the version and every bucket's layout."""
+    """What the workers need before the broadcasts: the version (and the generation of the
+    learner process that sends it, sync/__init__.py) and every bucket's layout."""
 
     version: int
     buckets: tuple[BucketSpec, ...]
+    generation: int = 0
 
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buckets)
 
 
-def describe_snapshot(version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_numel: int) -> SnapshotMeta:
+def describe_snapshot(version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_numel: int,
+                      generation: int = 0) -> SnapshotMeta:
     """The layout of a snapshot, from names, FULL shapes and dtypes only (no gather needed).
 
     Buckets follow the same plan as `gather_zero3_buckets` / `split_into_buckets`
@@ -124,7 +127,7 @@ def describe_snapshot(version: int, named_tensors: Iterable[tuple[str, torch.Ten
             specs.append(TensorSpec(n, full_shape(t), t.dtype, offset, nbytes))
             offset += _aligned(nbytes)
         buckets.append(BucketSpec(tuple(specs), offset))
-    return SnapshotMeta(int(version), tuple(buckets))
+    return SnapshotMeta(int(version), tuple(buckets), int(generation))
 
 
 def pack_bucket(spec: BucketSpec, bucket: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -264,9 +267,9 @@ class CollectivePublisher:
         self.sender.connect(pending=joins)
 
     def publish(self, version: int, named: list[tuple[str, torch.Tensor]],
-                buckets: Iterable[dict[str, torch.Tensor]]) -> dict:
+                buckets: Iterable[dict[str, torch.Tensor]], generation: int = 0) -> dict:
         """`named`: the (name, tensor) list `buckets` was gathered from, with the same bucket_numel."""
-        meta = describe_snapshot(version, named, self.bucket_numel)
+        meta = describe_snapshot(version, named, self.bucket_numel, generation)
         refs = [w.receive_weights.remote(meta) for w in self.workers]  # metadata first, via Ray
         return self.sender.send(meta, buckets, pending=refs)
 

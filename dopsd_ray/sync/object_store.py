@@ -4,7 +4,7 @@ Works everywhere Ray runs (any node, CPU or GPU); it costs one serialised copy p
 bucket into the object store plus one copy out per worker.
 
     learner rank 0 ──ray.put(bucket)──▶ object store ◀──ray.get── rollout worker
-          └──────── store.publish(version, [refs], meta) ──▶ WeightStore ◀── store.changed_since(v)
+          └──── store.publish(version, [refs], meta, gen) ──▶ WeightStore ◀── store.changed_since(v, gen)
 
 - One `ray.put` per bucket (never per parameter) and one `publish` RPC per snapshot.
 - The learner process OWNS the buckets it puts (Ray 2.56 removed `ray.put(_owner=)`),
@@ -14,10 +14,12 @@ bucket into the object store plus one copy out per worker.
   buckets alive while the learner lives; publishing a new snapshot frees the old one.
 - ObjectRefs travel nested in a list: Ray resolves ObjectRefs passed as top-level
   arguments, but leaves refs inside a list alone, so the store keeps refs (not copies).
-- Versions: the learner's step. A restarted learner resumes from a checkpoint and may
-  publish a LOWER version than the store holds; the store takes it (the learner's
-  weights are the truth) and workers swap to it, because `fetch_snapshot` returns any
-  snapshot whose version differs from the worker's, not only newer ones.
+- Versions: the learner's step, plus the generation of the learner process that
+  published it. A restarted learner resumes from a checkpoint with a new generation and
+  may publish a LOWER version than the store holds, or the same number as a dead
+  learner's snapshot; the store takes it (the learner's weights are the truth) and
+  workers swap to it, because `fetch_snapshot` returns any snapshot whose (version,
+  generation) differs from the worker's, not only newer ones.
 
 `WeightStore` is a plain class: make it an actor at the call site,
 `store = ray.remote(WeightStore).remote()`. `publish_snapshot` / `fetch_snapshot` take
@@ -41,17 +43,19 @@ class WeightStore:
     """Holds the latest weight snapshot: its version, one ObjectRef per bucket, and meta."""
 
     def __init__(self):
-        self._version = NO_VERSION
+        self._version, self._generation = NO_VERSION, 0
         self._refs: list[ray.ObjectRef] = []
         self._meta: dict = {}
         self.publishes = 0
         self.rollbacks = 0  # publishes of a lower version: a learner resumed from a checkpoint
 
-    def publish(self, version: int, bucket_refs: list[ray.ObjectRef], meta: dict | None = None) -> int:
+    def publish(self, version: int, bucket_refs: list[ray.ObjectRef], meta: dict | None = None,
+                generation: int = 0) -> int:
         """Replace the snapshot (the previous buckets are freed once no worker holds them)."""
         if version < self._version:
             self.rollbacks += 1
-        self._version, self._refs, self._meta = int(version), list(bucket_refs), dict(meta or {})
+        self._version, self._generation = int(version), int(generation)
+        self._refs, self._meta = list(bucket_refs), dict(meta or {}, generation=self._generation)
         self.publishes += 1
         return self._version
 
@@ -61,9 +65,10 @@ class WeightStore:
     def version(self) -> int:
         return self._version
 
-    def changed_since(self, version: int) -> tuple[int, list[ray.ObjectRef], dict] | None:
-        """The snapshot if its version differs from `version` (newer, or a rollback), else None."""
-        if self._version == NO_VERSION or self._version == version:
+    def changed_since(self, version: int, generation: int = 0) -> tuple[int, list[ray.ObjectRef], dict] | None:
+        """The snapshot if it is not (version, generation): newer, a rollback, or another
+        learner process's snapshot of the same step; else None."""
+        if self._version == NO_VERSION or (self._version, self._generation) == (version, generation):
             return None
         return self.latest()
 
@@ -81,9 +86,11 @@ class StorePublisher:
     def open(self) -> None:
         """Nothing to set up: the WeightStore actor exists already, and workers poll it."""
 
-    def publish(self, version: int, named: list, buckets: Iterable[dict[str, torch.Tensor]]) -> dict:
+    def publish(self, version: int, named: list, buckets: Iterable[dict[str, torch.Tensor]],
+                generation: int = 0) -> dict:
         """`named` (the layout the buckets follow) is not needed here: buckets carry their names."""
-        return {"sync/bytes": publish_snapshot(self.store, version, buckets, timeout_s=self.timeout_s)}
+        return {"sync/bytes": publish_snapshot(self.store, version, buckets, timeout_s=self.timeout_s,
+                                               generation=generation)}
 
     def close(self) -> None:
         """Nothing to tear down: the store keeps the last snapshot for workers that come back."""
@@ -95,6 +102,7 @@ def publish_snapshot(
     buckets: Iterable[dict[str, torch.Tensor]],
     timeout_s: float = 60.0,
     meta: dict | None = None,
+    generation: int = 0,
 ) -> int:
     """Learner rank 0: put each bucket once, then publish the refs; returns the bytes put.
 
@@ -111,7 +119,7 @@ def publish_snapshot(
         ntensors += len(bucket)
         refs.append(ray.put(bucket))
     meta = dict(meta or {}, buckets=len(refs), tensors=ntensors, bytes=nbytes, published_at=time.time())
-    _call(store.publish, timeout_s, version, refs, meta)  # refs nested in a list: not resolved
+    _call(store.publish, timeout_s, version, refs, meta, generation)  # refs nested in a list: not resolved
     return nbytes
 
 
@@ -119,17 +127,18 @@ def fetch_snapshot(
     store: "ActorHandle | WeightStore",
     current_version: int,
     timeout_s: float = 60.0,
-) -> tuple[int, dict[str, torch.Tensor], int] | None:
-    """Rollout worker: (version, state_dict, bytes) if the store's snapshot differs from
-    `current_version`, else None. Swap the result in between roll-outs only.
+    current_generation: int = 0,
+) -> tuple[int, int, dict[str, torch.Tensor], int] | None:
+    """Rollout worker: (version, generation, state_dict, bytes) if the store's snapshot is
+    not (current_version, current_generation), else None. Swap it in between roll-outs only.
 
     Also None when the snapshot's buckets are gone with the learner that put them
     (a learner restart): keep the current weights and poll again.
     """
-    got = _call(store.changed_since, timeout_s, current_version)
+    got = _call(store.changed_since, timeout_s, current_version, current_generation)
     if got is None:
         return None
-    version, refs, _ = got
+    version, refs, meta = got
     try:
         buckets = ray.get(refs, timeout=timeout_s)
     except ObjectLostError:  # OwnerDiedError included: the learner that put them is gone
@@ -141,7 +150,7 @@ def fetch_snapshot(
     for bucket in buckets:
         state.update(bucket)
     nbytes = sum(v.numel() * v.element_size() for v in state.values())
-    return version, state, nbytes
+    return version, meta["generation"], state, nbytes
 
 
 def _call(method, timeout_s: float, *args):
