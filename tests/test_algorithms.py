@@ -1,6 +1,5 @@
 """The D-OPSD and SFT steps on a tiny real Z-Image family, pinned against method.md."""
 
-import copy
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from dopsd_ray.algorithms.steps import Batch, colocated_loss, experience_loss, m
 from dopsd_ray.config import AlgorithmConfig, LoraConfig, ModelConfig
 from dopsd_ray.families import load_family
 from dopsd_ray.families.zimage import LORA_TARGETS
-from dopsd_ray.weights import TEACHER, FullWeights, LoraWeights, ema_step, load_state_dict, make_weights, state_dict
+from dopsd_ray.weights import TEACHER, FullWeights, LoraWeights, ema_step, make_weights, state_dict
 
 H = W = 32
 SIGMAS = torch.tensor(RECIPE_4STEP)
