@@ -100,7 +100,7 @@ def apply_step(engine, loss: torch.Tensor, all_finite, zero_stage: int, world: i
     engine.backward(loss)
     if zero_stage == 0:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        bad = torch.tensor([0.0 if all(torch.isfinite(g).all() for g in grads) else 1.0])
+        bad = torch.tensor([0.0 if all(torch.isfinite(g).all() for g in grads) else 1.0], device=loss.device)
         if world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
