@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dopsd_ray.config import TOY_BASE_DIR
 from dopsd_ray.families.toy import INFERENCE_STEPS, LORA_TARGETS, ToyFamily, ToyPipeline, build_tiny_toy
 from dopsd_ray.toy import world
-from dopsd_ray.toy.base import render_items, sample
+from dopsd_ray.toy.base import distill, record_trajectories, render_items, sample, train_flow
 from dopsd_ray.toy.concept import Concept, class_items, prior_items, write_concept_dataset
 from dopsd_ray.toy.evaluator import Evaluator, evaluate, palette_share, rendered_batch
 from dopsd_ray.weights import LoraWeights, state_dict
@@ -152,3 +152,19 @@ def test_committed_base_samples_well_at_4_steps():
                                  render_items(items, torch.Generator().manual_seed(9)))
     teacher = evaluate(evaluator, sample(family, family.transformer, ctx, INFERENCE_STEPS, 0), items)
     assert teacher["colour_accuracy"] > 0.9, teacher
+
+
+def test_base_builder_loops_train_within_their_budget_and_report_progress(tiny_dir):
+    """The committed base's recipe in miniature: flow matching, trajectories, distillation -
+    each loop stops at its wall-clock budget, returns an EMA model that moved, and logs."""
+    family = ToyFamily.from_pretrained(tiny_dir)
+    before = [p.detach().clone() for p in family.transformer.parameters()]
+    lines = []
+    flow, flow_steps = train_flow(family, minutes=0.03, batch_size=4, seed=0, log=lines.append)
+    assert flow_steps > 0 and lines[-1].startswith(f"flow: {flow_steps} steps in ")
+    assert any(not torch.equal(a, b) for a, b in zip(before, flow.parameters()))
+    pool = record_trajectories(family, flow, n=8, batch_size=4, seed=2, steps=8, log=lines.append)
+    assert pool[0].shape[:2] == (8, INFERENCE_STEPS + 1)
+    student, distill_steps = distill(family, flow, minutes=0.03, batch_size=4, seed=0, pool=pool, log=lines.append)
+    assert distill_steps > 0 and lines[-1].startswith(f"distill: {distill_steps} steps in ")
+    assert any(not torch.equal(a, b) for a, b in zip(flow.parameters(), student.parameters()))

@@ -66,11 +66,25 @@ def sample(family, model, ctx: ToyContext, num_steps: int, seed: int) -> torch.T
 
 
 class Budget:
-    def __init__(self, minutes: float):
-        self.end = time.monotonic() + 60 * minutes
+    """A wall-clock budget for a training loop: counts its steps, logs progress every 100."""
+
+    def __init__(self, name: str, minutes: float, log=print):
+        self.name, self.log, self.step = name, log, 0
+        self.t0 = time.monotonic()
+        self.end = self.t0 + 60 * minutes
 
     def left(self) -> bool:
         return time.monotonic() < self.end
+
+    def tick(self, loss: torch.Tensor) -> None:
+        self.step += 1
+        if self.step % 100 == 0:
+            rate = self.step / (time.monotonic() - self.t0)
+            self.log(f"{self.name} step {self.step}: loss {loss.item():.4f} ({rate:.2f} steps/s)")
+
+    def done(self) -> int:
+        self.log(f"{self.name}: {self.step} steps in {(time.monotonic() - self.t0) / 60:.1f} min")
+        return self.step
 
 
 def train_step(opt, model, ema, loss: torch.Tensor, ema_decay: float) -> None:
@@ -88,7 +102,7 @@ def train_flow(family, minutes, batch_size, seed, lr=1e-3, ema_decay=0.999, log=
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    budget, step, t0 = Budget(minutes), 0, time.monotonic()
+    budget = Budget("flow", minutes, log)
     while budget.left():
         items = world.random_items(batch_size, g)
         ctx = mixed_context(family, items, g)
@@ -98,13 +112,10 @@ def train_flow(family, minutes, batch_size, seed, lr=1e-3, ema_decay=0.999, log=
         s = sigma.view(-1, 1, 1, 1)
         loss = (family.velocity(model, (1 - s) * x0 + s * eps, sigma, ctx) - (eps - x0)).pow(2).mean()
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 200)
-        train_step(opt, model, ema, loss, ema_decay if step > 200 else 0.0)
-        step += 1
-        if step % 100 == 0:
-            log(f"flow step {step}: loss {loss.item():.4f} ({step / (time.monotonic() - t0):.2f} steps/s)")
-    log(f"flow: {step} steps in {(time.monotonic() - t0) / 60:.1f} min")
-    return ema, step
+            group["lr"] = lr * min(1.0, (budget.step + 1) / 200)
+        train_step(opt, model, ema, loss, ema_decay if budget.step > 200 else 0.0)
+        budget.tick(loss)
+    return ema, budget.done()
 
 
 def record_trajectories(family, teacher, n, batch_size, seed, steps=24, log=print):
@@ -137,7 +148,7 @@ def distill(family, teacher, minutes, batch_size, seed, pool, lr=2e-4, ema_decay
     ema = copy.deepcopy(teacher).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
-    budget, step, t0 = Budget(minutes), 0, time.monotonic()
+    budget = Budget("distill", minutes, log)
     while budget.left():
         idx = torch.randint(len(xs), (batch_size,), generator=g)
         k = torch.randint(INFERENCE_STEPS, (batch_size,), generator=g)
@@ -146,12 +157,9 @@ def distill(family, teacher, minutes, batch_size, seed, pool, lr=2e-4, ema_decay
         target = (x_next - x_k) / (s_next - s).view(-1, 1, 1, 1)
         ctx = ToyContext(feats[idx], masks[idx])
         loss = (family.velocity(student, x_k, s, ctx) - target).pow(2).mean()
-        train_step(opt, student, ema, loss, ema_decay if step > 100 else 0.0)
-        step += 1
-        if step % 100 == 0:
-            log(f"distill step {step}: loss {loss.item():.4f} ({step / (time.monotonic() - t0):.2f} steps/s)")
-    log(f"distill: {step} steps in {(time.monotonic() - t0) / 60:.1f} min")
-    return ema, step
+        train_step(opt, student, ema, loss, ema_decay if budget.step > 100 else 0.0)
+        budget.tick(loss)
+    return ema, budget.done()
 
 
 def base_figures(family, evaluator: Evaluator, models: dict, n: int = 192, seed: int = 123) -> tuple[dict, dict]:
