@@ -2,13 +2,13 @@
 
     python jobs/miniature.py                                  # sks = anything yellow, 3 seeds
     python jobs/miniature.py --token ohwx --colour cyan --shape cross --seeds 0 1
-    python jobs/miniature.py --class-images 10 lora.enabled=false optim.lr=1e-4 train.steps=200 --seeds 0 1
-                                                              # full fine-tuning + prior preservation
+    # full fine-tuning, the same 10 class images for both methods (README, second table):
+    python jobs/miniature.py --class-images 10 lora.enabled=false optim.lr=3e-4 algorithm.ema_decay=0.9999 train.steps=200
 
 For each method and seed it trains through the framework's normal entry point
 (dopsd_ray.driver.train with configs/toy.yaml: local Ray, Ray Train + DeepSpeed, MLflow),
-with the same steps and learning rate, then loads the export (LoRA file or UNet folder) and scores 4-step
-samples with the toy evaluator:
+with the same steps and learning rate, then loads the export (LoRA file or UNet folder)
+and scores 4-step samples with the toy evaluator:
 - concept accuracy: held-out prompts "a sks on a <background not seen in training>",
   the concept's colour (and shape, when it has one) right;
 - 4-step quality: palette share (falls when samples blur) and classifier confidence;

@@ -43,7 +43,7 @@ class WeightStore:
     """Holds the latest weight snapshot: its version, one ObjectRef per bucket, and meta."""
 
     def __init__(self):
-        self._version, self._generation = NO_VERSION, 0
+        self._version = NO_VERSION
         self._refs: list[ray.ObjectRef] = []
         self._meta: dict = {}
         self.publishes = 0
@@ -54,8 +54,8 @@ class WeightStore:
         """Replace the snapshot (the previous buckets are freed once no worker holds them)."""
         if version < self._version:
             self.rollbacks += 1
-        self._version, self._generation = int(version), int(generation)
-        self._refs, self._meta = list(bucket_refs), dict(meta or {}, generation=self._generation)
+        self._version, self._refs = int(version), list(bucket_refs)
+        self._meta = dict(meta or {}, generation=int(generation))
         self.publishes += 1
         return self._version
 
@@ -68,7 +68,7 @@ class WeightStore:
     def changed_since(self, version: int, generation: int = 0) -> tuple[int, list[ray.ObjectRef], dict] | None:
         """The snapshot if it is not (version, generation): newer, a rollback, or another
         learner process's snapshot of the same step; else None."""
-        if self._version == NO_VERSION or (self._version, self._generation) == (version, generation):
+        if self._version == NO_VERSION or (self._version, self._meta["generation"]) == (version, generation):
             return None
         return self.latest()
 
