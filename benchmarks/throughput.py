@@ -46,7 +46,7 @@ from dopsd_ray.algorithms.schedules import RECIPE_4STEP  # noqa: E402
 from dopsd_ray.algorithms.steps import Batch, colocated_loss, experience_loss, make_experience  # noqa: E402
 from dopsd_ray.config import AlgorithmConfig, LoraConfig  # noqa: E402
 from dopsd_ray.families.zimage import LORA_TARGETS, ZImageFamily  # noqa: E402
-from dopsd_ray.weights import ema_step, make_weights  # noqa: E402
+from dopsd_ray.weights import EmaTeacher, make_weights  # noqa: E402
 
 CAPTIONS = [
     "a red fox sitting in fresh snow, morning light, shallow depth of field",
@@ -106,6 +106,7 @@ def micro_benchmark(args, model_path: Path) -> dict:
     weights = make_weights(family.transformer, lora, LORA_TARGETS)
     trainable = weights.trainable_parameters()
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    ema = EmaTeacher(weights)
     sigmas = training_sigmas(args.k)
     dopsd = AlgorithmConfig(name="dopsd", ema_decay=0.9999)
     sft = AlgorithmConfig(name="sft")
@@ -125,7 +126,7 @@ def micro_benchmark(args, model_path: Path) -> dict:
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema_step(weights, dopsd.ema_decay)
+        ema.step(dopsd.ema_decay)
         return metrics["trained_states"]
 
     steps = {

@@ -4,6 +4,7 @@ Layout of one checkpoint directory, checkpoint_{step:08d} (every rank's files in
     student.safetensors        full student weights (LoRA: adapters)      (rank 0)
     teacher.safetensors        full EMA-teacher weights                   (rank 0)
     optimizer_rank{r}.safetensors   rank r's fp32 master shards and AdamW moments
+    ema_rank{r}.safetensors    rank r's fp32 EMA-teacher shadow (bf16 runs: weights.EmaTeacher)
     state.json                 step, counters, learner world size, the file list   (rank 0, last)
 
 Weights are loaded into the model BEFORE DeepSpeed partitions it, so a checkpoint
@@ -49,10 +50,11 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def expected_files(world: int) -> list[str]:
+def expected_files(world: int, ema: bool = False) -> list[str]:
     """Every file a complete checkpoint of `world` learner ranks holds (state.json last)."""
     return ([f"{STUDENT}.safetensors", f"{TEACHER}.safetensors"]
-            + [f"optimizer_rank{r}.safetensors" for r in range(world)] + [STATE_FILE])
+            + [f"optimizer_rank{r}.safetensors" for r in range(world)]
+            + ([f"ema_rank{r}.safetensors" for r in range(world)] if ema else []) + [STATE_FILE])
 
 
 def _optimizer_slots(optimizer) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
@@ -82,8 +84,11 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def write_checkpoint_files(directory: str | Path, rank: int, world: int, step: int, counters: dict,
-                           optimizer, student: dict | None, teacher: dict | None) -> Path:
-    """Write rank `rank`'s part of the step-`step` checkpoint into `directory` (no Ray needed)."""
+                           optimizer, student: dict | None, teacher: dict | None, ema: dict | None = None) -> Path:
+    """Write rank `rank`'s part of the step-`step` checkpoint into `directory` (no Ray needed).
+
+    `ema`: this rank's fp32 EMA shadow (EmaTeacher.state()); empty or None when the teacher
+    is fp32 and so its own shadow (then teacher.safetensors holds it exactly)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     inner, masters = _optimizer_slots(optimizer)
@@ -94,23 +99,26 @@ def write_checkpoint_files(directory: str | Path, rank: int, world: int, step: i
             tensors[f"{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors = _contiguous(tensors)
     _write_atomic(directory / f"optimizer_rank{rank}.safetensors", lambda p: save_file(tensors, str(p)))
+    if ema:
+        shadow = _contiguous(ema)
+        _write_atomic(directory / f"ema_rank{rank}.safetensors", lambda p: save_file(shadow, str(p)))
     if rank == 0:
         for name, state in ((STUDENT, _contiguous(student)), (TEACHER, _contiguous(teacher))):
             _write_atomic(directory / f"{name}.safetensors", lambda p, s=state: save_file(s, str(p)))
-        meta = {"step": step, "counters": counters, "world": world, "files": expected_files(world)}
+        meta = {"step": step, "counters": counters, "world": world, "files": expected_files(world, bool(ema))}
         _write_atomic(directory / STATE_FILE, lambda p: p.write_text(json.dumps(meta)))
     return directory
 
 
 @contextmanager
 def save_checkpoint(rank: int, world: int, step: int, counters: dict, optimizer,
-                    student: dict | None, teacher: dict | None):
+                    student: dict | None, teacher: dict | None, ema: dict | None = None):
     """Write this rank's part into a fresh temp dir and yield it as a ray.train.Checkpoint."""
     from ray.train import Checkpoint  # Ray only where Ray Train needs it: the rest runs anywhere
 
     tmp = Path(tempfile.mkdtemp(prefix=f"dopsd-ckpt-{step}-"))
     try:
-        write_checkpoint_files(tmp, rank, world, step, counters, optimizer, student, teacher)
+        write_checkpoint_files(tmp, rank, world, step, counters, optimizer, student, teacher, ema)
         yield Checkpoint.from_directory(str(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -196,6 +204,16 @@ class ResumeState:
     counters: dict
     path: str = ""
     optimizer_tensors: dict | None = field(default=None, repr=False)
+    ema_tensors: dict | None = field(default=None, repr=False)
+
+    def restore_ema(self, ema) -> None:
+        """This rank's fp32 EMA shadow, when the checkpoint has it for this world size; else the
+        shadow stays what EmaTeacher read from the (bf16-rounded) teacher weights."""
+        if self.ema_tensors is not None:
+            ema.load_state(self.ema_tensors)
+        elif ema.separate:
+            warnings.warn("no fp32 EMA shadow in the checkpoint for this learner layout: the EMA teacher "
+                          "resumes from its bf16 weights")
 
     def restore_optimizer(self, optimizer) -> None:
         if self.optimizer_tensors is None:
@@ -223,11 +241,12 @@ def load_checkpoint(directory: str | Path, weights, rank: int, world: int) -> Re
     meta = json.loads((d / STATE_FILE).read_text())
     load_state_dict(weights, load_file(str(d / f"{STUDENT}.safetensors")), STUDENT)
     load_state_dict(weights, load_file(str(d / f"{TEACHER}.safetensors")), TEACHER)
-    shard = d / f"optimizer_rank{rank}.safetensors"
-    optimizer = None
+    shard, ema_shard = d / f"optimizer_rank{rank}.safetensors", d / f"ema_rank{rank}.safetensors"
+    optimizer = ema = None
     if meta["world"] == world and shard.is_file():
         optimizer = load_file(str(shard))
+        ema = load_file(str(ema_shard)) if ema_shard.is_file() else None
     else:
         warnings.warn(f"checkpoint was written by {meta['world']} learner ranks, now {world}: "
-                      "weights resume, the optimizer state starts fresh")
-    return ResumeState(meta["step"], meta["counters"], str(d), optimizer)
+                      "weights resume, the optimizer state and the fp32 EMA shadow start fresh")
+    return ResumeState(meta["step"], meta["counters"], str(d), optimizer, ema)

@@ -153,12 +153,18 @@ class RuntimeConfig(Section):
     sync_every: int = Field(1, ge=1)
     sync_transport: Literal["object_store", "collective"] = "object_store"
     sync_timeout_s: float = Field(300.0, gt=0)
+    # The first snapshot comes after model loading and DeepSpeed set-up (minutes at 6-9B):
+    # rollout workers wait this long for it, and sync_timeout_s for every later one.
+    startup_timeout_s: float = Field(1800.0, gt=0)
     sync_bucket_numel: int = Field(50_000_000, ge=1)
     buffer_size: int = Field(4, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 3
     offload_optimizer: bool = False
     max_failures: int = Field(2, ge=0)
     torch_threads: int | None = Field(None, ge=1)
+    # A GPU learner with CPU-only rollout workers is refused (a 6B roll-out on CPU is about
+    # 100x slower) unless this says it is meant.
+    allow_cpu_rollout: bool = False
     # Debug: rollout workers fingerprint their student weights in every experience and the
     # learner checks them against the snapshot it published for that version.
     debug_check_sync: bool = False

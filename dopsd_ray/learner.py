@@ -26,7 +26,14 @@ Faults (README "Faults and what happens"):
   queue: counted in `count/rollout_restarts`.
 
 Every ZeRO-3 gather is a collective: all ranks take part in publishing, sampling,
-checkpointing and export; only rank 0 writes.
+checkpointing and export; only rank 0 writes, and only rank 0 decodes sample grids.
+Every other agreement between ranks (finite loss and gradients, the generation, the
+step statistics) goes through ranks.LearnerRanks, on the learner's device.
+
+GPU memory at scale (6-9B): encoders load onto the GPU, the transformer stays on the
+CPU until DeepSpeed places it; with LoRA the frozen base is kept out of ZeRO-3's
+partitioning (weights.LoraWeights.base_as_buffers) so it is not re-gathered for every
+forward; experiences arrive as CPU tensors and are moved here (tensors.to_device).
 """
 
 import warnings
@@ -36,8 +43,8 @@ from pathlib import Path
 
 import deepspeed
 import ray.train
+import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from .algorithms.schedules import training_sigmas
 from .algorithms.steps import Batch, colocated_loss, experience_loss
@@ -46,10 +53,11 @@ from .config import Config
 from .data.stream import iter_batches
 from .families import lora_targets, load_family, pipeline_class
 from .preview import sample_grid_for
+from .ranks import LearnerRanks
 from .rollout import RolloutRestart
 from .sync.buckets import gather_zero3_buckets, weights_digest
 from .tracking import MlflowRun
-from .weights import STUDENT, TEACHER, ema_step, make_weights
+from .weights import STUDENT, TEACHER, EmaTeacher, make_weights
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -63,6 +71,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
 
 def deepspeed_config(cfg: Config) -> dict:
+    """DeepSpeed's settings, all in one place.
+
+    - bf16 with check_grad_overflow: without it DeepSpeed applies non-finite gradients.
+    - offload_optimizer with our torch AdamW: DeepSpeed refuses a torch optimizer with
+      offload unless zero_force_ds_cpu_optimizer is off. torch's AdamW then steps the
+      fp32 masters on the CPU (slower than DeepSpeedCPUAdam, but it needs no compiled op
+      and keeps one optimizer for every setting).
+    """
     rt = cfg.runtime
     zero = {"stage": rt.zero_stage}
     if rt.offload_optimizer:
@@ -72,7 +88,8 @@ def deepspeed_config(cfg: Config) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16", "check_grad_overflow": True},
         "steps_per_print": 10**9,
     }
 
@@ -86,24 +103,20 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def apply_step(engine, loss: torch.Tensor, all_finite, zero_stage: int, world: int) -> bool:
+def apply_step(engine, loss: torch.Tensor, ranks: LearnerRanks, zero_stage: int) -> bool:
     """engine.backward + engine.step unless the loss or the gradients are not finite.
 
-    all_finite(loss) must agree across ranks (Learner.all_finite all-reduces it). With ZeRO
-    stages 1-3 DeepSpeed itself skips the optimizer step when the global grad norm is not
-    finite (fp32, and bf16 with check_grad_overflow) and says so in was_step_applied();
-    stage 0 (plain data parallel) never checks, so its gradients are checked here and
-    dropped before the step.
+    Every rank must give the same answer, or the collectives inside backward would hang:
+    `ranks` makes them agree. With ZeRO stages 1-3 DeepSpeed itself skips the optimizer
+    step when the global grad norm is not finite (fp32, and bf16 with check_grad_overflow)
+    and says so in was_step_applied(); stage 0 (plain data parallel) never checks, so its
+    gradients are checked here and dropped before the step.
     """
-    if not all_finite(loss):
+    if not ranks.all_finite([loss]):
         return False
     engine.backward(loss)
     if zero_stage == 0:
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        bad = torch.tensor([0.0 if all(torch.isfinite(g).all() for g in grads) else 1.0], device=loss.device)
-        if world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
+        if not ranks.all_finite([p.grad for p in engine.module.parameters() if p.grad is not None]):
             engine.zero_grad()  # drop them; no optimizer step (with GAS 1 every backward is a boundary)
             return False
     engine.step()  # clips to optim.grad_clip, AdamW step, zero grads
@@ -132,12 +145,17 @@ class Learner:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         if cfg.runtime.torch_threads:
             torch.set_num_threads(cfg.runtime.torch_threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # this worker's GPU (Ray Train sets it per worker), or the CPU
+        self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        self.ranks = LearnerRanks(self.rank, self.world, self.device)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.family = load_family(cfg.model, self.model_path, device=device)
+        # encoders onto the GPU; the transformer stays on the CPU until DeepSpeed places it
+        self.family = load_family(cfg.model, self.model_path, device=self.device, transformer_device="cpu")
         if cfg.model.gradient_checkpointing:
             self.family.transformer.enable_gradient_checkpointing()
         self.weights = make_weights(self.family.transformer, cfg.lora, lora_targets(cfg.model.family))
+        if self.weights.base_as_buffers():  # LoRA: the frozen base stays whole on every rank, outside ZeRO
+            self.weights.module.to(self.device)
 
         # the checkpoint Ray Train resumes from, if complete; else the newest complete one in storage
         resume = usable_checkpoint(ray.train.get_checkpoint(), self.experiment_dir())
@@ -148,11 +166,13 @@ class Learner:
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.weights.module, optimizer=optimizer, config=deepspeed_config(cfg))
+        self.ema = EmaTeacher(self.weights)  # after initialize: this rank's shards exist from here on
         if state is not None:
             state.restore_optimizer(self.optimizer)
+            state.restore_ema(self.ema)
             self.step, self.counters = state.step, {**self.counters, **state.counters}
             self.resumed_from = state.step
-        self.generation = self.agree(time.time_ns())  # rank 0's clock: unique per learner process
+        self.generation = self.ranks.from_rank0(time.time_ns())  # rank 0's clock: unique per learner process
         self.mlflow = MlflowRun.attach(*self.tracking) if self.rank == 0 and self.tracking else None
         self.data = ray.train.get_dataset_shard("train") if self.queue is None else None
         self._sigmas = {}
@@ -177,12 +197,12 @@ class Learner:
     def train(self) -> str | None:
         """The loop; returns None, or why it stopped early (non-finite steps)."""
         cfg = self.cfg
+        if self.publisher is not None:  # first, so rollout workers start while the step-0 grid is drawn
+            self.publish_weights()
         if self.step == 0:
             self.log_samples()
         if self.resumed_from is not None and self.mlflow:
             self.mlflow.log_metrics({"learner/resumed_from_step": self.resumed_from}, step=self.step)
-        if self.publisher is not None:
-            self.publish_weights()
         batches = self.batches()
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
@@ -196,7 +216,7 @@ class Learner:
                 loss, metrics = experience_loss(self.family, self.weights, item, cfg.algorithm)
                 staleness, rollout_s = self.step - item.version, item.rollout_seconds
             if self.optimizer_step(loss):
-                ema_step(self.weights, cfg.algorithm.ema_decay)
+                self.ema.step(cfg.algorithm.ema_decay)
                 self.consecutive_skips = 0
             else:
                 self.counters["skipped_nonfinite"] += 1
@@ -245,7 +265,8 @@ class Learner:
                         and self.check_snapshot(exp)):
                     break
                 dropped += 1  # never trained on
-            yield exp, time.perf_counter() - start, dropped
+            # it arrives as CPU tensors (rollout.py): onto this rank's device, asynchronously
+            yield exp.to(self.device, non_blocking=True), time.perf_counter() - start, dropped
 
     def check_snapshot(self, exp) -> bool:
         """debug_check_sync: the worker's weights must be exactly this process's snapshot of
@@ -258,25 +279,10 @@ class Learner:
         self.counters["sync_checked"] += 1
         return True
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """Every rank must agree, or the collectives inside backward would hang."""
-        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() == 0.0
-
-    def agree(self, value: int) -> int:
-        """Rank 0's value, on every rank (a tensor on the model's device: gloo or NCCL)."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=self.family.device)
-        dist.broadcast(t, src=0)
-        return int(t.item())
-
     def optimizer_step(self, loss: torch.Tensor) -> bool:
         """backward, clip, AdamW step; False (nothing applied) if the loss or the gradients are
         not finite. Every rank returns the same answer."""
-        return apply_step(self.engine, loss, self.all_finite, self.cfg.runtime.zero_stage, self.world)
+        return apply_step(self.engine, loss, self.ranks, self.cfg.runtime.zero_stage)
 
     def stop_nonfinite(self, loss: torch.Tensor) -> str:
         """Stop every rank cleanly (no retry by FailureConfig: it would fail the same way) and
@@ -336,7 +342,8 @@ class Learner:
         student, teacher = self.full_state(STUDENT), self.full_state(TEACHER)
         metrics = {"step": self.step}
         with save_checkpoint(self.rank, self.world, self.step, self.counters, self.optimizer,
-                             student if self.rank == 0 else None, teacher if self.rank == 0 else None) as ckpt:
+                             student if self.rank == 0 else None, teacher if self.rank == 0 else None,
+                             self.ema.state()) as ckpt:
             # each file lands in storage complete or not at all (checkpoint.upload_checkpoint)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(self.step),
                              checkpoint_upload_fn=ray_upload_fn(self.experiment_dir()))
@@ -355,13 +362,10 @@ class Learner:
         """Rank-summed throughput, rank-averaged loss; rank 0 logs."""
         trained = metrics.pop("trained_states")
         # a non-finite loss stays NaN: MLflow drops it (and counts it), the step shows in count/skipped_nonfinite
-        stats = torch.tensor([loss.item() if math.isfinite(loss.item()) else math.nan, trained, images],
-                             dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(stats)
+        stats = self.ranks.sum([loss.item() if math.isfinite(loss.item()) else math.nan, trained, images])
         row = {
             **metrics,
-            "loss": stats[0].item() / self.world,
+            "loss": stats[0] / self.world,
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "lr": self.optimizer.param_groups[0]["lr"],
             "staleness": staleness,
@@ -369,8 +373,8 @@ class Learner:
             "learner/wait_fraction": waited / step_s if step_s else 0.0,
             "learner/compute_seconds": compute_s,
             "learner/step_seconds": step_s,
-            "images_per_s": stats[2].item() / step_s,
-            "trained_states_per_s": stats[1].item() / step_s,
+            "images_per_s": stats[2] / step_s,
+            "trained_states_per_s": stats[1] / step_s,
             "memory/peak_gb_rank0": peak_memory_bytes() / 1e9,
             **{f"count/{k}": v for k, v in self.counters.items()},
             **sync,
@@ -384,6 +388,7 @@ class Learner:
     def log_samples(self) -> None:
         if not self.validation:
             return
-        grid = sample_grid_for(self.family, self.weights, self.validation, self.cfg)  # every rank samples
-        if self.mlflow:
+        # every rank samples (ZeRO-3 gathers), rank 0 alone decodes and logs
+        grid = sample_grid_for(self.family, self.weights, self.validation, self.cfg, decode=self.rank == 0)
+        if self.mlflow and grid is not None:
             self.mlflow.log_image(grid, f"samples/step_{self.step:06d}.png")

@@ -1,10 +1,12 @@
 """Checks that fail fast, before any actor or trainer starts, naming what to fix.
 
-`preflight(cfg)` runs before Ray: it checks the paths, and when this process would start
-a local Ray (no RAY_ADDRESS, Ray not initialised) it also checks the recipe against what
-that local Ray would have (CPUs, GPUs), so a recipe this machine cannot place fails
-without starting Ray at all. `check_resources(cfg)` checks against a running cluster
-(ray.cluster_resources()), after `ray.init` connected to it and before any actor starts.
+`preflight(cfg)` runs before Ray: it refuses placements that would crawl or fail (a GPU
+learner with CPU-only rollout workers; NCCL ranks that could share a GPU), checks the paths,
+and when this process would start a local Ray (no RAY_ADDRESS, Ray not initialised) it also
+checks the recipe against what that local Ray would have (CPUs, GPUs), so a recipe this
+machine cannot place fails without starting Ray at all. `check_resources(cfg)` checks
+against a running cluster (ray.cluster_resources()), after `ray.init` connected to it and
+before any actor starts.
 (Unknown keys, wrong types, out-of-range values and unsupported teacher contexts fail
 earlier still, in config.load_config.)
 """
@@ -31,6 +33,35 @@ def check_paths(cfg: Config) -> None:
     for p in ([data] if isinstance(data, str) else data or []):
         if not p.startswith(("s3://", "gs://", "http://", "https://")) and not Path(p).exists():
             raise ConfigError(f"data.path={p!r} does not exist; make shards with jobs/prepare_data.py")
+
+
+def check_placement(cfg: Config) -> None:
+    """Recipes every cluster could place but that would run badly or not at all: refused from
+    the recipe alone, wherever Ray would run."""
+    rt = cfg.runtime
+    if rt.mode != "disaggregated":  # colocated: the learners roll out themselves, no second placement
+        return
+    learner_gpu = rt.learner_resources.get("GPU", 0)
+    rollout_gpu = rt.rollout_resources.get("GPU", 0)
+    # A 6B-9B roll-out on CPU is ~100x slower than on the GPU the learner has: nothing fails,
+    # the run just crawls, so it must be asked for by name.
+    if learner_gpu > 0 and rollout_gpu <= 0 and not rt.allow_cpu_rollout:
+        raise ConfigError(
+            f"runtime.rollout_resources={rt.rollout_resources} gives the rollout workers no GPU while "
+            f"runtime.learner_resources={rt.learner_resources} has one: roll-outs on CPU are ~100x slower; "
+            "add GPU to runtime.rollout_resources, or set runtime.allow_cpu_rollout=true if that is meant")
+    # Collective sync with a GPU learner is NCCL over learner rank 0 + every rollout worker, and
+    # NCCL refuses two ranks on one device. Ray packs fractional GPU requests onto one GPU, so a
+    # fractional request on either side may put two ranks there (the sync then fails at start).
+    if rt.sync_transport == "collective" and learner_gpu > 0:
+        shared = [f"{name}={res}" for name, res in (("runtime.learner_resources", rt.learner_resources),
+                                                     ("runtime.rollout_resources", rt.rollout_resources))
+                  if 0 < res.get("GPU", 0) < 1]
+        if shared:
+            raise ConfigError(
+                f"runtime.sync_transport=collective (NCCL) with a fractional GPU in {', '.join(shared)}: Ray may "
+                "place two NCCL ranks on one GPU, which NCCL refuses; give learners and rollout workers whole "
+                "GPUs (GPU: 1), or use runtime.sync_transport=object_store")
 
 
 def needed_resources(cfg: Config) -> dict[str, float]:
@@ -92,7 +123,8 @@ def starts_local_ray() -> bool:
 
 
 def preflight(cfg: Config) -> None:
-    """Before Ray: paths; and resources, if this process is about to start a local Ray."""
+    """Before Ray: placement, paths; and resources, if this process is about to start a local Ray."""
+    check_placement(cfg)  # first: on a machine without GPUs the local check would hide its reason
     check_paths(cfg)
     if starts_local_ray():
         check_resources(cfg, local_resources(), where="this machine (the local Ray it would start)")

@@ -14,25 +14,47 @@ from .grid import sample_grid
 
 
 @torch.no_grad()
-def preview_samples(family, weights, captions: list[str], images: torch.Tensor, num_steps: int, seed: int = 0):
-    """(student samples, teacher-context samples), images in [-1, 1], same noise for both."""
+def preview_latents(family, weights, captions: list[str], images: torch.Tensor, num_steps: int, seed: int = 0):
+    """(student latents, teacher-context latents), same noise for both.
+
+    Under ZeRO-3 every learner rank must call this (each forward gathers the partitioned
+    weights); only the rank that shows the grid needs to decode.
+    """
     _, _, height, width = images.shape
     noise = torch.randn(family.latent_shape(len(captions), height, width), generator=torch.Generator().manual_seed(seed))
     noise = noise.to(family.device)  # drawn on the CPU: the same samples on any device
     sigmas = family.inference_sigmas(num_steps, height, width)
     c_s = family.student_context(captions)
     c_t = family.teacher_context(captions, images.to(family.device))
-    student = family.decode_latents(euler_sample(velocity_fn(family, weights.model, c_s), noise, sigmas))
+    student = euler_sample(velocity_fn(family, weights.model, c_s), noise, sigmas)
     with weights.teacher() as teacher_model:
-        teacher = family.decode_latents(euler_sample(velocity_fn(family, teacher_model, c_t), noise, sigmas))
-    return student.clamp(-1, 1), teacher.clamp(-1, 1)
+        teacher = euler_sample(velocity_fn(family, teacher_model, c_t), noise, sigmas)
+    return student, teacher
 
 
-def sample_grid_for(family, weights, validation, cfg):
-    """A labelled PIL grid of target / student / teacher-context samples."""
+@torch.no_grad()
+def decode_one_by_one(family, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] on the CPU, decoded one at a time: a VAE decode at 1 MP holds
+    gigabytes of activations, and a grid of 8 decoded at once would hold 8 times that."""
+    return torch.cat([family.decode_latents(x[None]).clamp(-1, 1).cpu() for x in latents])
+
+
+def preview_samples(family, weights, captions: list[str], images: torch.Tensor, num_steps: int, seed: int = 0):
+    """(student samples, teacher-context samples), images in [-1, 1], same noise for both."""
+    student, teacher = preview_latents(family, weights, captions, images, num_steps, seed)
+    return decode_one_by_one(family, student), decode_one_by_one(family, teacher)
+
+
+def sample_grid_for(family, weights, validation, cfg, decode: bool = True):
+    """A labelled PIL grid of target / student / teacher-context samples; with decode=False
+    (learner ranks > 0) only the sampling forwards run, and None is returned."""
     captions, images = validation
-    student, teacher = preview_samples(family, weights, captions, images, cfg.algorithm.inference_steps, cfg.train.seed)
-    return preview_grid(captions, images, student, teacher, cfg.algorithm.inference_steps)
+    steps = cfg.algorithm.inference_steps
+    student, teacher = preview_latents(family, weights, captions, images, steps, cfg.train.seed)
+    if not decode:
+        return None
+    return preview_grid(captions, images, decode_one_by_one(family, student), decode_one_by_one(family, teacher),
+                        steps)
 
 
 def preview_grid(captions: list[str], images: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, num_steps: int):

@@ -12,9 +12,17 @@ Snapshots arrive by runtime.sync_transport:
 - object_store: the roll-out loop polls the WeightStore between roll-outs (fetch_snapshot);
 - collective: learner rank 0 calls join_collective(address, rank) once, then
   receive_weights(meta) per sync; that runs in the actor's second thread
-  (max_concurrency=2) beside the roll-out loop and only STAGES the snapshot.
+  (max_concurrency=2) beside the roll-out loop and only STAGES the snapshot, in host
+  memory (one bucket at a time passes through the GPU).
 Either way `next_snapshot` is the one place that tells them apart, and the swap
-(load_snapshot, stamping the version) happens only in the loop, between roll-outs.
+(load_snapshot, stamping the version) happens only in the loop, between roll-outs, one
+bucket at a time (weights.apply_snapshot): a worker never holds a second model on its GPU.
+
+What goes into the experience queue holds CPU tensors only (the queue is an actor with
+no GPU; Experience.to): the learner moves them onto its own device.
+
+A worker builds the EMA teacher only when it computes teacher targets
+(runtime.teacher_targets=rollout); otherwise it has the student alone.
 
 On-policy mode (max_staleness 0) produces `per_version` experiences per snapshot and
 then waits for the next one.
@@ -46,8 +54,8 @@ from .data.stream import iter_batches
 from .families import lora_targets, load_family
 from .sync.buckets import weights_digest
 from .sync.collective import CollectiveReceiver
-from .sync.object_store import fetch_snapshot
-from .weights import STUDENT, TEACHER, load_state_dict, make_weights, state_dict
+from .sync.object_store import SnapshotLost, fetch_snapshot
+from .weights import STUDENT, apply_snapshot, make_weights, state_dict
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,8 @@ class RolloutWorker:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(self.cfg.train.seed)
         self.family = load_family(self.cfg.model, model_path, device=device)
-        self.weights = make_weights(self.family.transformer, self.cfg.lora, lora_targets(self.cfg.model.family))
+        self.weights = make_weights(self.family.transformer, self.cfg.lora, lora_targets(self.cfg.model.family),
+                                    with_teacher=self.cfg.runtime.teacher_targets == "rollout")
         self.weights.module.requires_grad_(False)
         self.version, self.generation = -1, 0  # the snapshot held: learner step, learner process
         self.produced = 0  # experiences made with the current snapshot
@@ -86,13 +95,16 @@ class RolloutWorker:
         self.restarted = restarted_actor()
 
     # -- weights ---------------------------------------------------------------------
-    def load_snapshot(self, version: int, generation: int, state: dict[str, torch.Tensor]) -> None:
-        teacher = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{TEACHER}/")}
-        student = {k: v for k, v in state.items() if not k.startswith(f"{TEACHER}/")}
-        load_state_dict(self.weights, student, STUDENT)
-        if teacher:
-            load_state_dict(self.weights, teacher, TEACHER)
+    def load_snapshot(self, version: int, generation: int, buckets) -> bool:
+        """Copy a snapshot in bucket by bucket; False if its buckets were lost half way (the
+        learner that put them died): the worker then holds no version and waits for a whole one."""
+        try:
+            apply_snapshot(self.weights, buckets)
+        except SnapshotLost:
+            self.version = -1
+            return False
         self.version, self.generation, self.produced = version, generation, 0
+        return True
 
     def update_weights(self, store) -> bool:
         """Swap in a newer snapshot if there is one (call only between roll-outs)."""
@@ -100,15 +112,16 @@ class RolloutWorker:
         got = self.next_snapshot(store)
         if got is None:
             return False
-        version, generation, state, nbytes, received_s = got
-        self.load_snapshot(version, generation, state)
+        version, generation, buckets, nbytes, received_s = got
+        if not self.load_snapshot(version, generation, buckets):
+            return False
         self.stats["sync_seconds"] += received_s + time.perf_counter() - start
         self.stats["sync_bytes"] += nbytes
         self.stats["snapshots"] += 1
         return True
 
     def next_snapshot(self, store):
-        """(version, generation, state, bytes, seconds spent receiving elsewhere) or None; the one
+        """(version, generation, buckets, bytes, seconds spent receiving elsewhere) or None; the one
         place the transports differ: store is the WeightStore (object_store), or None (collective)."""
         if store is not None:
             got = fetch_snapshot(store, self.version, self.cfg.runtime.sync_timeout_s, self.generation)
@@ -135,14 +148,10 @@ class RolloutWorker:
                 f"receive version {meta.version}. The collective group is not rebuilt after a rollout-"
                 "worker restart yet; use runtime.sync_transport=object_store where workers restart")
         start = time.perf_counter()
-        state = self.receiver.receive(meta)
+        state = self.receiver.receive(meta)  # host memory: the GPU holds one bucket at a time
         with self._staged_lock:  # a newer snapshot replaces one not yet swapped in
-            self._staged = (meta.version, meta.generation, state, meta.nbytes, time.perf_counter() - start)
+            self._staged = (meta.version, meta.generation, [state], meta.nbytes, time.perf_counter() - start)
         return meta.version
-
-    def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """(version, student weights): the debug check that rollout = learner weights."""
-        return self.version, state_dict(self.weights, STUDENT)
 
     # -- roll-outs -------------------------------------------------------------------
     def rollout(self, batch: Batch):
@@ -155,7 +164,7 @@ class RolloutWorker:
         if self.cfg.runtime.debug_check_sync:
             exp.snapshot_digest = weights_digest(state_dict(self.weights, STUDENT))
         self.produced += 1
-        return exp
+        return exp.to("cpu")  # the queue is an actor with no GPU; the learner moves it to its own
 
     def run(self, data, store, queue, per_version: int | None) -> dict:
         """Produce experiences until stop(); returns this worker's stats.
@@ -188,8 +197,15 @@ class RolloutWorker:
                 continue
 
     def wait_for_snapshot(self, store, per_version: int | None) -> None:
-        """Swap weights between roll-outs; on-policy: block until a fresh snapshot exists."""
-        deadline = time.monotonic() + self.cfg.runtime.sync_timeout_s
+        """Swap weights between roll-outs; on-policy: block until a fresh snapshot exists.
+
+        The first snapshot waits runtime.startup_timeout_s: it comes only after the learner
+        loaded its models and set up DeepSpeed (minutes at 6-9B); later ones sync_timeout_s.
+        """
+        rt = self.cfg.runtime
+        first = self.stats["snapshots"] == 0
+        timeout_s, name = (rt.startup_timeout_s, "startup_timeout_s") if first else (rt.sync_timeout_s, "sync_timeout_s")
+        deadline = time.monotonic() + timeout_s
         while not self._stop.is_set():
             self.update_weights(store)
             fresh = self.version >= 0 and (per_version is None or self.produced < per_version)
@@ -198,8 +214,7 @@ class RolloutWorker:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"rollout worker {self.index}: no new weight snapshot after version {self.version} "
-                    f"within runtime.sync_timeout_s={self.cfg.runtime.sync_timeout_s} s "
-                    f"(runtime.sync_transport={self.cfg.runtime.sync_transport})")
+                    f"within runtime.{name}={timeout_s} s (runtime.sync_transport={rt.sync_transport})")
             time.sleep(0.05)
 
     def stop(self) -> None:

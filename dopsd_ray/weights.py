@@ -10,12 +10,17 @@ Two implementations of one small surface (used by the learner and the rollout wo
     weights.trainable_parameters()     # what the optimizer updates
     weights.named_parameters(which)    # (key, param) of the student or teacher
     weights.export(path, pipeline_class)
-    ema_step(weights, decay)           # after every optimizer step
+    ema = EmaTeacher(weights); ema.step(decay)   # after every optimizer step, in fp32
     state_dict(weights, which) / load_state_dict(weights, sd, which): what a sync ships
+    apply_snapshot(weights, buckets)   # a rollout worker's swap, one bucket at a time
+
+Rollout workers that do not compute teacher targets build no teacher (with_teacher=False):
+at full fine-tuning that is a whole model copy they never use.
 """
 
 import copy
 import warnings
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,43 +35,62 @@ STUDENT, TEACHER = "student", "teacher"
 
 
 class LoraWeights:
-    def __init__(self, transformer: nn.Module, targets: list[str], rank: int, alpha: float, init: str = "gaussian"):
+    def __init__(self, transformer: nn.Module, targets: list[str], rank: int, alpha: float, init: str = "gaussian",
+                 with_teacher: bool = True):
         transformer.requires_grad_(False)
         lora = LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=list(targets),
             init_lora_weights="gaussian" if init == "gaussian" else True,
         )
         transformer.add_adapter(lora, adapter_name=STUDENT)
-        with warnings.catch_warnings():  # a second adapter on purpose: the EMA teacher
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            transformer.add_adapter(lora, adapter_name=TEACHER)
+        if with_teacher:
+            with warnings.catch_warnings():  # a second adapter on purpose: the EMA teacher
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                transformer.add_adapter(lora, adapter_name=TEACHER)
         self.model = transformer
         self.rank, self.alpha, self.targets = rank, alpha, list(targets)
-        self._pairs = self._pair_parameters()
+        self.with_teacher = with_teacher
+        params = dict(transformer.named_parameters())
+        self._student = [p for name, p in params.items() if f".{STUDENT}." in name]
+        self._teacher = [params[name.replace(f".{STUDENT}.", f".{TEACHER}.")]
+                         for name in params if f".{STUDENT}." in name] if with_teacher else []
+        if not self._student:
+            raise ValueError("LoRA matched no module: check lora.targets against the model's module names")
         with torch.no_grad():
-            for t, s in self._pairs:
+            for t, s in zip(self._teacher, self._student):
                 t.copy_(s)
         transformer.set_adapter(STUDENT)  # student trainable, teacher frozen
         self.module = transformer  # every weight, student and teacher: what DeepSpeed wraps
 
-    def _pair_parameters(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        params = dict(self.model.named_parameters())
-        pairs = []
-        for name, p in params.items():
-            if f".{STUDENT}." in name:
-                pairs.append((params[name.replace(f".{STUDENT}.", f".{TEACHER}.")], p))
-        if not pairs:
-            raise ValueError("LoRA matched no module: check lora.targets against the model's module names")
-        return pairs
-
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [s for _, s in self._pairs]
+        return list(self._student)
 
     def teacher_parameters(self) -> list[nn.Parameter]:
-        return [t for t, _ in self._pairs]
+        return list(self._teacher)
+
+    def base_as_buffers(self) -> int:
+        """Turn the frozen base's parameters into buffers; returns how many elements moved.
+
+        ZeRO-3 partitions every PARAMETER of the module it wraps, frozen ones included, and
+        re-gathers them for every forward and backward: at K=4 that is ~16 gathers of the
+        whole base per step, for a trainable state of a few hundred MB. As buffers, the base
+        stays whole on every rank (it fits: inference needs it whole anyway) and DeepSpeed
+        partitions only what it trains and the EMA teacher.
+        """
+        moved, teacher = 0, {id(t) for t in self._teacher}
+        for module in self.model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.requires_grad or id(p) in teacher:
+                    continue
+                del module._parameters[name]
+                module.register_buffer(name, p.detach(), persistent=True)
+                moved += p.numel()
+        return moved
 
     @contextmanager
     def teacher(self):
+        if not self.with_teacher:
+            raise RuntimeError("these weights were built without a teacher (with_teacher=False)")
         self.model.set_adapter(TEACHER)
         try:
             with torch.no_grad():
@@ -75,7 +99,8 @@ class LoraWeights:
             self.model.set_adapter(STUDENT)
 
     def named_parameters(self, which: str = STUDENT) -> list[tuple[str, nn.Parameter]]:
-        """(key, parameter) of one adapter; keys drop the adapter name, as diffusers LoRA files do."""
+        """(key, parameter) of one adapter; keys drop the adapter name, as diffusers LoRA files do
+        (empty for the teacher of weights built without one)."""
         return [(name.replace(f".{which}.", "."), p) for name, p in self.model.named_parameters() if f".{which}." in name]
 
     def export(self, path: str | Path, pipeline_class, state: dict[str, torch.Tensor] | None = None) -> Path:
@@ -97,19 +122,78 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p
 
 
-def ema_step(weights, decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student, after every optimizer step.
+class EmaTeacher:
+    """teacher <- decay * teacher + (1 - decay) * student, after every optimizer step, in fp32.
 
-    Under ZeRO-3 student and teacher tensors are partitioned alike, so each rank
-    updates its own shards and no gather is needed.
+    bf16 keeps 8 bits of mantissa, so `t.lerp_(s, 1e-4)` on bf16 tensors rounds to no
+    change: an EMA teacher at decay 0.9999 kept in bf16 (DeepSpeed's bf16 mode casts every
+    parameter, the teacher's too, and keeps fp32 masters only of what it optimizes) would
+    stay the initial model. So the EMA lives in an fp32 shadow of this rank's teacher
+    tensors, and the teacher weights the forward uses are rounded from it after each
+    update. fp32 teacher tensors are their own shadow (no copy).
+
+    Under ZeRO-3 student and teacher are partitioned alike: each rank keeps the shadow of
+    its own shards, updates it from its own student shards, and no gather is needed.
+    Build it after deepspeed.initialize (the shards exist from then on).
     """
-    ema_update([_local(t) for t in weights.teacher_parameters()],
-               [_local(s) for s in weights.trainable_parameters()], decay)
+
+    def __init__(self, weights):
+        self.teacher = [_local(t) for t in weights.teacher_parameters()]
+        self.student = [_local(s) for s in weights.trainable_parameters()]
+        self.shadow = [t if t.dtype == torch.float32 else t.detach().float() for t in self.teacher]
+
+    @property
+    def separate(self) -> bool:
+        """True when the shadow is a copy (a non-fp32 teacher): it must be checkpointed."""
+        return any(s is not t for s, t in zip(self.shadow, self.teacher))
+
+    @torch.no_grad()
+    def step(self, decay: float) -> None:
+        ema_update(self.shadow, self.student, decay)
+        for t, s in zip(self.teacher, self.shadow):
+            if s is not t:
+                t.copy_(s)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """This rank's shadow shards by position ({} when the teacher is its own shadow)."""
+        return {str(i): s for i, s in enumerate(self.shadow)} if self.separate else {}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if len(state) != len(self.shadow):
+            raise ValueError(f"EMA shadow has {len(state)} tensors, this rank's teacher {len(self.shadow)}")
+        for i, (t, s) in enumerate(zip(self.teacher, self.shadow)):
+            s.copy_(state[str(i)])
+            if s is not t:
+                t.copy_(s)
 
 
 def state_dict(weights, which: str = STUDENT) -> dict[str, torch.Tensor]:
     """Student (or teacher) weights by key: LoRA adapters only, or the full transformer."""
     return {k: p.detach() for k, p in weights.named_parameters(which)}
+
+
+@torch.no_grad()
+def apply_snapshot(weights, buckets: Iterable[dict[str, torch.Tensor]]) -> int:
+    """Copy a snapshot into the model one bucket at a time (keys "teacher/..." go to the
+    teacher); returns its bytes. A worker so needs one bucket of extra memory, not a
+    second model. Every student key (and every teacher key, if any came) must arrive."""
+    targets = {STUDENT: dict(weights.named_parameters(STUDENT)), TEACHER: dict(weights.named_parameters(TEACHER))}
+    seen = {STUDENT: set(), TEACHER: set()}
+    nbytes = 0
+    for bucket in buckets:
+        for key, value in bucket.items():
+            which, name = (TEACHER, key.split("/", 1)[1]) if key.startswith(f"{TEACHER}/") else (STUDENT, key)
+            if name not in targets[which]:
+                raise KeyError(f"snapshot key {key!r} is not a {which} weight of this model")
+            targets[which][name].copy_(value, non_blocking=True)
+            seen[which].add(name)
+            nbytes += value.numel() * value.element_size()
+    for which in (STUDENT, TEACHER) if seen[TEACHER] else (STUDENT,):
+        missing = sorted(targets[which].keys() - seen[which])
+        if missing:
+            raise KeyError(f"snapshot misses {len(missing)} {which} weights, e.g. {missing[:3]}")
+    return nbytes
 
 
 def load_state_dict(weights, state: dict[str, torch.Tensor], which: str = STUDENT) -> None:
@@ -124,26 +208,34 @@ def load_state_dict(weights, state: dict[str, torch.Tensor], which: str = STUDEN
 
 
 class FullWeights:
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, with_teacher: bool = True):
         self.model = transformer
-        self._teacher = copy.deepcopy(transformer).requires_grad_(False).eval()
+        self._teacher = copy.deepcopy(transformer).requires_grad_(False).eval() if with_teacher else None
         transformer.requires_grad_(True)
         # every weight, student and teacher: what DeepSpeed wraps, so both are partitioned alike
-        self.module = nn.ModuleDict({STUDENT: transformer, TEACHER: self._teacher})
+        self.module = nn.ModuleDict({STUDENT: transformer, **({TEACHER: self._teacher} if with_teacher else {})})
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
 
     def teacher_parameters(self) -> list[nn.Parameter]:
-        return list(self._teacher.parameters())
+        return [] if self._teacher is None else list(self._teacher.parameters())
+
+    def base_as_buffers(self) -> int:
+        """Nothing is frozen in full fine-tuning: every weight stays DeepSpeed's."""
+        return 0
 
     @contextmanager
     def teacher(self):
+        if self._teacher is None:
+            raise RuntimeError("these weights were built without a teacher (with_teacher=False)")
         with torch.no_grad():
             yield self._teacher
 
     def named_parameters(self, which: str = STUDENT) -> list[tuple[str, nn.Parameter]]:
-        return list((self.model if which == STUDENT else self._teacher).named_parameters())
+        if which == TEACHER:
+            return [] if self._teacher is None else list(self._teacher.named_parameters())
+        return list(self.model.named_parameters())
 
     def export(self, path: str | Path, pipeline_class=None, state: dict[str, torch.Tensor] | None = None) -> Path:
         """A diffusers transformer folder (config + safetensors), loadable with from_pretrained."""
@@ -155,8 +247,8 @@ class FullWeights:
         return path
 
 
-def make_weights(transformer: nn.Module, lora_cfg, family_targets: list[str]):
+def make_weights(transformer: nn.Module, lora_cfg, family_targets: list[str], with_teacher: bool = True):
     if not lora_cfg.enabled:
-        return FullWeights(transformer)
+        return FullWeights(transformer, with_teacher)
     targets = lora_cfg.targets or family_targets
-    return LoraWeights(transformer, targets, lora_cfg.rank, lora_cfg.alpha, lora_cfg.init)
+    return LoraWeights(transformer, targets, lora_cfg.rank, lora_cfg.alpha, lora_cfg.init, with_teacher)

@@ -11,7 +11,7 @@ from dopsd_ray.algorithms.steps import Batch, colocated_loss, experience_loss, m
 from dopsd_ray.config import AlgorithmConfig, LoraConfig, ModelConfig
 from dopsd_ray.families import load_family
 from dopsd_ray.families.zimage import LORA_TARGETS
-from dopsd_ray.weights import TEACHER, FullWeights, LoraWeights, ema_step, make_weights, state_dict
+from dopsd_ray.weights import TEACHER, EmaTeacher, FullWeights, LoraWeights, make_weights, state_dict
 
 H = W = 32
 SIGMAS = torch.tensor(RECIPE_4STEP)
@@ -147,10 +147,10 @@ def test_lora_teacher_starts_equal_and_tracks_student_by_ema(family):
         for p in w.trainable_parameters():
             p.add_(1.0)
     before = [t.clone() for t in w.teacher_parameters()]
-    ema_step(w, 0.75)
+    EmaTeacher(w).step(0.75)
     for t0, t, s in zip(before, w.teacher_parameters(), w.trainable_parameters()):
         torch.testing.assert_close(t, 0.75 * t0 + 0.25 * s)
-    ema_step(w, 0.0)
+    EmaTeacher(w).step(0.0)
     assert state_dict(w, TEACHER).keys() == state_dict(w).keys()
     assert all(torch.equal(state_dict(w, TEACHER)[k], v) for k, v in state_dict(w).items())
 
@@ -182,6 +182,7 @@ def test_disaggregated_experience_gives_the_colocated_loss(family, targets_on_wo
 
 def fit(family, w, batch, sigmas, algo, steps, lr):
     opt = torch.optim.AdamW(w.trainable_parameters(), lr=lr)
+    ema = EmaTeacher(w)
     losses = []
     for _ in range(steps):
         loss, _ = colocated_loss(family, w, batch, sigmas, algo)
@@ -189,7 +190,7 @@ def fit(family, w, batch, sigmas, algo, steps, lr):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(w.trainable_parameters(), 1.0)
         opt.step()
-        ema_step(w, algo.ema_decay)
+        ema.step(algo.ema_decay)
         losses.append(loss.item())
     return losses
 

@@ -113,8 +113,8 @@ class StoreWorker:
         got = fetch_snapshot(store, self.version, 30, self.generation)
         if got is None:
             return None
-        self.version, self.generation = got[:2]
-        return got
+        self.version, self.generation, buckets, nbytes = got
+        return self.version, self.generation, {k: v for b in buckets for k, v in b.items()}, nbytes
 
 
 def test_object_store_round_trip_to_two_workers(local_ray):

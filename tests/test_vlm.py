@@ -1,13 +1,17 @@
 """The Qwen3-VL teacher encoder on a tiny random VLM built and loaded like the real one."""
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model, Qwen3VLConfig
 
 from dopsd_ray.families.tiny_tokenizer import build_tiny_tokenizer
 from dopsd_ray.families.vlm import (
-    IMAGE_TOKEN, VLMEncoder, VLMProcessor, build_tiny_vlm, mrope_section, overwrite_language_model,
-    select_hidden_states,
+    IMAGE_TOKEN, VLMEncoder, VLMProcessor, build_tiny_vlm, language_model_state, load_vlm, mrope_section,
+    select_hidden_states, share_language_model,
 )
 
 CAPTIONS = ["a cat", "a red square on a blue field"]
@@ -24,7 +28,7 @@ def tiny(tmp_path_factory):
     tokenizer = build_tiny_tokenizer()
     config = text_config(tokenizer)
     torch.manual_seed(0)
-    text_encoder = Qwen3Model(config).eval()
+    text_encoder = Qwen3Model(config).eval().requires_grad_(False)  # frozen, as the families' text encoders
     path = build_tiny_vlm(config, tokenizer, tmp_path_factory.mktemp("tiny_vlm"), seed=1)
     encoder = VLMEncoder.from_pretrained(path, text_encoder, min_pixels=32 * 32, max_pixels=64 * 64)
     return path, tokenizer, text_encoder, encoder
@@ -58,21 +62,88 @@ def test_language_model_weights_are_the_text_encoder(tiny):
 def test_causal_lm_layout_is_accepted(tiny):
     path, tokenizer, _, _ = tiny
     torch.manual_seed(2)
-    causal = Qwen3ForCausalLM(text_config(tokenizer)).eval()  # FLUX.2's text encoder class
+    causal = Qwen3ForCausalLM(text_config(tokenizer)).eval().requires_grad_(False)  # FLUX.2's text encoder class
     encoder = VLMEncoder.from_pretrained(path, causal, min_pixels=32 * 32, max_pixels=64 * 64)
     lm = encoder.model.model.language_model.state_dict()
     assert all(torch.equal(lm[k], v) for k, v in causal.model.state_dict().items())
 
 
 def test_mismatched_text_encoder_is_a_clear_error(tiny):
-    _, tokenizer, _, encoder = tiny
+    path, tokenizer, text_encoder, encoder = tiny
     deeper = Qwen3Model(text_config(tokenizer, layers=3, hidden=24))
     with pytest.raises(ValueError) as error:
-        overwrite_language_model(encoder.model, deeper)
+        share_language_model(encoder.model, deeper)
     message = str(error.value)
     assert "do not match the VLM's language model" in message
     assert "only in the text encoder (" in message and "layers.2." in message
     assert "shape mismatches" in message and "embed_tokens.weight" in message
+    with pytest.raises(ValueError, match="do not match the VLM's language model"):
+        VLMEncoder.from_pretrained(path, deeper, min_pixels=32 * 32, max_pixels=64 * 64)
+    # a shared tensor cannot be cast as load_state_dict did: the dtype must match too
+    with pytest.raises(ValueError, match=r"dtype mismatches .*embed_tokens\.weight"):
+        share_language_model(load_vlm(path), copy.deepcopy(text_encoder).to(torch.bfloat16))
+
+
+# -- the language model is shared with the text encoder, not copied -----------------------
+
+
+def fresh_text_encoder(tokenizer, kind: str, seed: int = 3):
+    torch.manual_seed(seed)
+    cls = {"Qwen3Model": Qwen3Model, "Qwen3ForCausalLM": Qwen3ForCausalLM}[kind]  # Z-Image, FLUX.2-klein
+    return cls(text_config(tokenizer)).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind", ["Qwen3Model", "Qwen3ForCausalLM"])
+def test_language_model_shares_the_text_encoder_tensors(tiny, kind):
+    path, tokenizer, _, _ = tiny
+    text_encoder = fresh_text_encoder(tokenizer, kind)
+    encoder = VLMEncoder.from_pretrained(path, text_encoder, min_pixels=32 * 32, max_pixels=64 * 64)
+    source = language_model_state(text_encoder, keep_vars=True)
+    lm_params = list(encoder.model.model.language_model.named_parameters(remove_duplicate=False))
+    assert {name for name, _ in lm_params} == set(source)
+    for name, p in lm_params:
+        assert p is source[name] and p.data_ptr() == source[name].data_ptr(), name
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+
+    # the features are those of the old copy semantics (load_state_dict of the same weights)
+    copied = load_vlm(path)
+    copied.model.language_model.load_state_dict(language_model_state(text_encoder), strict=True)
+    x = images(5)
+    shared_features = encoder.encode(CAPTIONS, x, hidden_state_layers=(0, 1, 2), max_length=128)
+    copied_features = VLMEncoder(copied, encoder.processor).encode(
+        CAPTIONS, x, hidden_state_layers=(0, 1, 2), max_length=128)
+    assert all(torch.equal(a, b) for a, b in zip(shared_features, copied_features, strict=True))
+
+    # proof of sharing: an in-place change to the text encoder is seen by the VLM (and not by the copy)
+    with torch.no_grad():
+        source["layers.1.mlp.down_proj.weight"].mul_(3.0)
+    changed = encoder.encode(CAPTIONS, x, hidden_state_layers=(0, 1, 2), max_length=128)
+    assert all(not torch.allclose(a, b) for a, b in zip(changed, shared_features, strict=True))
+    again = VLMEncoder(copied, encoder.processor).encode(CAPTIONS, x, hidden_state_layers=(0, 1, 2), max_length=128)
+    assert all(torch.equal(a, b) for a, b in zip(again, copied_features, strict=True))
+
+
+def test_sharing_frees_the_vlm_copy_and_follows_a_tied_lm_head(tiny):
+    path, tokenizer, _, _ = tiny
+    text_encoder = fresh_text_encoder(tokenizer, "Qwen3ForCausalLM")
+    vlm = load_vlm(path)
+    lm = vlm.model.language_model
+    vlm.lm_head.weight = lm.embed_tokens.weight  # tied, as in the released Qwen3-VL-4B
+    inv_freq = lm.rotary_emb.inv_freq
+    old = [weakref.ref(p) for p in lm.parameters()]
+    share_language_model(vlm, text_encoder)
+    assert vlm.lm_head.weight is text_encoder.model.embed_tokens.weight
+    assert lm.rotary_emb.inv_freq is inv_freq  # non-persistent buffers stay the VLM's own
+    gc.collect()
+    assert all(ref() is None for ref in old)  # nothing keeps the VLM's own language model alive
+
+
+def test_text_encoder_on_another_device_is_a_clear_error(tiny):
+    path, tokenizer, _, _ = tiny
+    with torch.device("meta"):
+        elsewhere = Qwen3Model(text_config(tokenizer))
+    with pytest.raises(ValueError, match=r"text encoder is on \['meta'\] but the VLM goes to cpu"):
+        VLMEncoder.from_pretrained(path, elsewhere, min_pixels=32 * 32, max_pixels=64 * 64)
 
 
 def test_processor_expands_the_image_and_uses_the_chat_layout(tiny):

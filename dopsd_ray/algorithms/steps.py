@@ -19,6 +19,7 @@ import torch
 from .dopsd import choose_states, dopsd_loss_on_states, dopsd_step, rollout_states, teacher_targets
 from .schedules import sample_sft_sigmas
 from .sft import sft_loss
+from ..tensors import to_device
 
 
 def velocity_fn(family, model, context):
@@ -77,6 +78,11 @@ class Experience:
     rollout_seconds: float = 0.0
     snapshot_digest: str | None = None  # debug: fingerprint of the worker's student weights
     generation: int = 0  # which learner process published that snapshot (Learner.generation)
+
+    def to(self, device, non_blocking: bool = False) -> "Experience":
+        """A copy with every tensor (contexts included) on `device`: rollout workers queue CPU
+        tensors, the learner moves them onto its own GPU."""
+        return to_device(self, device, non_blocking)
 
     @property
     def num_trained_states(self) -> int:

@@ -7,8 +7,13 @@ import torch
 from ..config import ModelConfig
 
 
-def load_family(model: ModelConfig, path: str | Path | None = None, device: str = "cpu"):
-    """Load the configured family from `path` (default model.path) with from_pretrained."""
+def load_family(model: ModelConfig, path: str | Path | None = None, device: str = "cpu",
+                transformer_device: str | None = None):
+    """Load the configured family from `path` (default model.path) with from_pretrained.
+
+    Encoders and VAE go to `device`; the transformer to `transformer_device` (default
+    `device`). A DeepSpeed learner keeps it on the CPU: ZeRO-3 moves it to the GPU one
+    parameter at a time as it partitions, so no rank ever holds the whole model there."""
     path = str(path or model.path)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model.dtype]
     if model.family == "zimage":
@@ -16,6 +21,7 @@ def load_family(model: ModelConfig, path: str | Path | None = None, device: str 
 
         return ZImageFamily.from_pretrained(
             path, teacher_vlm_path=model.teacher_vlm_path, dtype=dtype, device=device,
+            transformer_device=transformer_device,
             max_sequence_length=model.max_sequence_length,
             teacher_max_sequence_length=model.teacher_max_sequence_length,
             vlm_min_pixels=model.vlm_min_pixels, vlm_max_pixels=model.vlm_max_pixels,
@@ -25,14 +31,15 @@ def load_family(model: ModelConfig, path: str | Path | None = None, device: str 
 
         return Flux2KleinFamily.from_pretrained(
             path, teacher_context=model.teacher_context, teacher_vlm_path=model.teacher_vlm_path,
-            dtype=dtype, device=device, max_sequence_length=model.max_sequence_length,
-            teacher_max_sequence_length=model.teacher_max_sequence_length,
+            dtype=dtype, device=device, transformer_device=transformer_device,
+            max_sequence_length=model.max_sequence_length, teacher_max_sequence_length=model.teacher_max_sequence_length,
             vlm_min_pixels=model.vlm_min_pixels, vlm_max_pixels=model.vlm_max_pixels,
         )
     if model.family == "toy":
         from .toy import ToyFamily
 
-        return ToyFamily.from_pretrained(path, dtype=dtype, device=device, max_sequence_length=model.max_sequence_length)
+        return ToyFamily.from_pretrained(path, dtype=dtype, device=device, transformer_device=transformer_device,
+                                         max_sequence_length=model.max_sequence_length)
     raise ValueError(f"unknown model family {model.family!r}; known: zimage, flux2_klein, toy")
 
 

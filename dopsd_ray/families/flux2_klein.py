@@ -211,6 +211,7 @@ class Flux2KleinFamily:
         teacher_vlm_path: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        transformer_device: str | torch.device | None = None,
         max_sequence_length: int = 512,
         text_encoder_out_layers: Sequence[int] = DEFAULT_OUT_LAYERS,
         reference_instruction: str = DEFAULT_INSTRUCTION,
@@ -223,8 +224,11 @@ class Flux2KleinFamily:
         teacher_vlm_path (only used with teacher_context="vlm", loaded on first use)
         defaults to `path/teacher_vlm` when that exists (tiny builds), otherwise to the
         Qwen3-VL sibling of the variant whose joint_attention_dim matches (VARIANTS).
+        transformer_device (default: device) is "cpu" on DeepSpeed learners, which place the
+        transformer themselves.
         """
-        pipe = Flux2KleinPipeline.from_pretrained(str(path), dtype=dtype).to(device)
+        pipe = Flux2KleinPipeline.from_pretrained(str(path), dtype=dtype)
+        pipe.vae.to(device), pipe.text_encoder.to(device), pipe.transformer.to(transformer_device or device)
         if teacher_vlm_path is None:
             local = Path(path) / TINY_VLM_DIR
             if local.is_dir():

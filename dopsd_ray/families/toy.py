@@ -131,14 +131,15 @@ class ToyFamily:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", max_sequence_length: int = 12) -> "ToyFamily":
+                        device: str | torch.device = "cpu", transformer_device: str | torch.device | None = None,
+                        max_sequence_length: int = 12) -> "ToyFamily":
         path = Path(path or TOY_BASE_DIR)
         if not (path / "unet").is_dir():
             raise FileNotFoundError(f"{path} is not a toy model directory (no unet/); rebuild the committed base "
                                     "with `python jobs/build_toy_base.py` or use model.tiny=true")
         load = {"torch_dtype": dtype}
         return cls(
-            transformer=UNet2DConditionModel.from_pretrained(path / "unet", **load).to(device),
+            transformer=UNet2DConditionModel.from_pretrained(path / "unet", **load).to(transformer_device or device),
             text_encoder=Qwen3Model.from_pretrained(path / "text_encoder", **load).to(device),
             vision_encoder=CLIPVisionModel.from_pretrained(path / "vision_encoder", **load).to(device),
             tokenizer=PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),

@@ -1,9 +1,16 @@
 """The Qwen3-VL teacher encoder: multimodal features of (target image, caption).
 
 D-OPSD's VLM teacher context (method.md, "Teacher contexts" 1) is a Qwen3-VL whose
-language model is overwritten with the diffusion model's own Qwen3 text encoder, so
-its features live in the space the denoiser was trained on. Its ViT and connector
-stay as released.
+language model is the diffusion model's own Qwen3 text encoder, so its features live
+in the space the denoiser was trained on. Its ViT and connector stay as released.
+
+The language model SHARES the text encoder's parameters (the same nn.Parameter
+objects) instead of holding a copy: a copy would be a second language model on the
+GPU, the whole decoder's size (at Qwen3-4B in bf16, about 8 GB). The VLM is loaded
+on the CPU, its own language model is swapped for the text encoder's parameters and
+freed there, and only then is the rest (ViT, connector) moved to the device. Sharing
+also means in-place changes to the text encoder's weights reach the VLM; both are
+frozen in D-OPSD, so that never happens in training.
 
     encoder = VLMEncoder.from_pretrained(vlm_path, text_encoder, min_pixels=512 * 512, max_pixels=768 * 768)
     feats = encoder.encode(captions, images, hidden_state_layers=-2, max_length=1024)   # Z-Image
@@ -116,52 +123,80 @@ class VLMProcessor:
 # -- model --------------------------------------------------------------------------
 
 
-def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Qwen3VLForConditionalGeneration from a hub id or a local directory, frozen in eval mode."""
+def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Qwen3VLForConditionalGeneration from a hub id or a local directory, on the CPU, frozen in eval mode.
+
+    On the CPU so that its language model can be swapped for the text encoder's
+    (share_language_model) before the rest goes to the device.
+    """
     vlm = Qwen3VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
-    return vlm.to(device).eval().requires_grad_(False)
+    return vlm.eval().requires_grad_(False)
 
 
-def language_model_state(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
+def language_model_state(text_encoder: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """A Qwen3 text encoder's decoder weights under Qwen3Model's names.
 
     Accepts transformers' Qwen3Model (Z-Image: embed_tokens..., layers..., norm) and
     Qwen3ForCausalLM (FLUX.2: model.embed_tokens..., lm_head); the LM head is not part
-    of the decoder and is dropped (features never use it).
+    of the decoder and is dropped (features never use it). keep_vars=True gives the
+    nn.Parameter objects themselves (to share them) instead of detached tensors.
     """
-    state = text_encoder.state_dict()
+    state = text_encoder.state_dict(keep_vars=keep_vars)
     if any(k.startswith("model.") for k in state):
         return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     return {k: v for k, v in state.items() if not k.startswith("lm_head.")}
 
 
 @torch.no_grad()
-def overwrite_language_model(vlm: Qwen3VLForConditionalGeneration, text_encoder: nn.Module) -> None:
-    """Copy the text encoder's decoder weights into the VLM's language model; all keys must match."""
-    source = language_model_state(text_encoder)
-    target = vlm.model.language_model.state_dict()
+def share_language_model(vlm: Qwen3VLForConditionalGeneration, text_encoder: nn.Module) -> None:
+    """Make the VLM's language model use the text encoder's parameters (shared, not copied).
+
+    All keys, shapes and dtypes must match. Every parameter of vlm.model.language_model
+    is replaced by the text encoder's nn.Parameter, as is any other VLM parameter tied
+    to it (a tied lm_head), so the VLM's own copy is left unreferenced and freed.
+    Non-persistent buffers (the rotary inv_freq) stay the VLM's; persistent buffers are
+    copied. The shared parameters keep the text encoder's device and requires_grad.
+    """
+    lm = vlm.model.language_model
+    source = language_model_state(text_encoder, keep_vars=True)
+    target = lm.state_dict(keep_vars=True)
     missing = sorted(set(target) - set(source))
     unexpected = sorted(set(source) - set(target))
     shapes = sorted(
         f"{k}: text encoder {tuple(source[k].shape)} vs VLM {tuple(target[k].shape)}"
         for k in set(source) & set(target) if source[k].shape != target[k].shape
     )
-    if missing or unexpected or shapes:
+    # load_state_dict used to cast; a shared tensor cannot be, and mixed dtypes break the forward.
+    dtypes = sorted(
+        f"{k}: text encoder {source[k].dtype} vs VLM {target[k].dtype}"
+        for k in set(source) & set(target) if source[k].dtype != target[k].dtype
+    )
+    if missing or unexpected or shapes or dtypes:
         def listed(name, keys):
             return f"\n  {name} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "") if keys else ""
 
         raise ValueError(
             "the text encoder's weights do not match the VLM's language model "
-            f"({type(text_encoder).__name__} -> {type(vlm.model.language_model).__name__}):"
+            f"({type(text_encoder).__name__} -> {type(lm).__name__}):"
             + listed("only in the VLM", missing) + listed("only in the text encoder", unexpected)
             + listed("shape mismatches", shapes)
+            + listed("dtype mismatches (load the VLM in the text encoder's dtype)", dtypes)
             + "\nThe VLM must be the Qwen3-VL sibling of the text encoder (e.g. Qwen3-VL-4B for Qwen3-4B)."
         )
-    vlm.model.language_model.load_state_dict(source, strict=True)
+    # Old VLM parameter -> the text encoder's, keyed by identity so that ties are followed.
+    shared = {id(p): source[name] for name, p in lm.named_parameters(remove_duplicate=False)}
+    for name, p in list(vlm.named_parameters(remove_duplicate=False)):
+        if id(p) in shared:
+            owner, _, attr = name.rpartition(".")
+            setattr(vlm.get_submodule(owner), attr, shared[id(p)])
+    parameters = {name for name, _ in lm.named_parameters(remove_duplicate=False)}
+    for name, buffer in target.items():
+        if name not in parameters:
+            buffer.copy_(source[name])
 
 
 class VLMEncoder:
-    """A frozen Qwen3-VL (language model = a given text encoder) and its processor."""
+    """A frozen Qwen3-VL (language model shared with a given text encoder) and its processor."""
 
     def __init__(self, model: Qwen3VLForConditionalGeneration, processor: VLMProcessor):
         self.model = model
@@ -178,10 +213,22 @@ class VLMEncoder:
         min_pixels: int = 512 * 512,
         max_pixels: int = 768 * 768,
     ) -> "VLMEncoder":
-        """Load the VLM and its processor; with `text_encoder`, its weights replace the VLM's LM."""
-        model = load_vlm(path, dtype=dtype, device=device)
+        """Load the VLM and its processor; with `text_encoder`, the VLM's LM shares its parameters.
+
+        The text encoder must already be on `device`: moving the VLM there would
+        otherwise move the shared parameters, i.e. the caller's text encoder, too.
+        """
+        model = load_vlm(path, dtype=dtype)
         if text_encoder is not None:
-            overwrite_language_model(model, text_encoder)
+            share_language_model(model, text_encoder)
+            target = torch.empty(0, device=device).device  # "cuda" -> cuda:<current>, as .to() resolves it
+            elsewhere = {p.device for p in model.model.language_model.parameters()} - {target}
+            if elsewhere:
+                raise ValueError(f"the text encoder is on {sorted(map(str, elsewhere))} but the VLM goes to "
+                                 f"{target}: put the text encoder on {target} first (the VLM shares its weights)")
+        # Only the ViT and connector move: the shared parameters are on `device` already, and
+        # the VLM's own language model was freed on the CPU above.
+        model = model.to(device)
         return cls(model, VLMProcessor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels))
 
     @property

@@ -98,6 +98,7 @@ class ZImageFamily:
         teacher_vlm_path: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        transformer_device: str | torch.device | None = None,
         max_sequence_length: int = 512,
         teacher_max_sequence_length: int = 1024,
         vlm_min_pixels: int = 512 * 512,
@@ -106,9 +107,11 @@ class ZImageFamily:
         """Load a ZImagePipeline directory or hub id. The teacher VLM loads on first use.
 
         teacher_vlm_path defaults to `path/teacher_vlm` when that exists (tiny builds),
-        otherwise to Qwen/Qwen3-VL-4B-Instruct.
+        otherwise to Qwen/Qwen3-VL-4B-Instruct. transformer_device (default: device) is "cpu"
+        on DeepSpeed learners, which place the transformer themselves.
         """
-        pipe = ZImagePipeline.from_pretrained(str(path), dtype=dtype).to(device)
+        pipe = ZImagePipeline.from_pretrained(str(path), dtype=dtype)
+        pipe.vae.to(device), pipe.text_encoder.to(device), pipe.transformer.to(transformer_device or device)
         if teacher_vlm_path is None:
             local = Path(path) / TINY_VLM_DIR
             teacher_vlm_path = str(local) if local.is_dir() else DEFAULT_VLM

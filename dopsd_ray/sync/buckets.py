@@ -62,8 +62,15 @@ def gather_zero3_buckets(
     named_params: Iterable[tuple[str, torch.nn.Parameter]],
     bucket_numel: int,
     rank0_only: bool = False,
+    to_cpu: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yields {name: full tensor, cloned to CPU} per bucket, gathering one bucket at a time.
+    """Yields {name: full tensor} per bucket, gathering one bucket at a time.
+
+    to_cpu=True: copies on the CPU (pinned, copied asynchronously from a GPU, one wait per
+    bucket), which outlive the iteration: for the object store, checkpoints and export.
+    to_cpu=False: the gathered tensors themselves, on the learner's device, valid only
+    until the next bucket is asked for: for the collective transport, which packs them
+    straight into its device buffer (no trip through host memory).
 
     Buckets are planned by the FULL size of each parameter (`ds_numel`), so each gathered
     bucket holds at most `bucket_numel` elements (or one larger parameter).
@@ -82,11 +89,23 @@ def gather_zero3_buckets(
     for names in plan_buckets(((n, full_numel(p)) for n, p in named), bucket_numel):
         bucket_params = [params[n] for n in names]
         with _gathered(bucket_params):
-            if copy_here:
-                yield {n: params[n].detach().to("cpu", copy=True) for n in names}
-            else:
+            if not copy_here:
                 yield {}
+            elif to_cpu:
+                yield _host_copies({n: params[n].detach() for n in names})
+            else:
+                yield {n: params[n].detach() for n in names}
         # leaving the context re-partitions the bucket: its full copies are freed here
+
+
+def _host_copies(bucket: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of a bucket; from a GPU into pinned memory, asynchronously, then one wait."""
+    if not any(t.is_cuda for t in bucket.values()):
+        return {n: t.to("cpu", copy=True) for n, t in bucket.items()}
+    out = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+           for n, t in bucket.items()}
+    torch.cuda.current_stream().synchronize()
+    return out
 
 
 def _gathered(params: list[torch.nn.Parameter]):

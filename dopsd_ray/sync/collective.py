@@ -130,13 +130,18 @@ def describe_snapshot(version: int, named_tensors: Iterable[tuple[str, torch.Ten
     return SnapshotMeta(int(version), tuple(buckets), int(generation))
 
 
-def pack_bucket(spec: BucketSpec, bucket: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """{name: tensor} -> one flat uint8 tensor laid out as `spec` says."""
+def pack_bucket(spec: BucketSpec, bucket: dict[str, torch.Tensor], device: torch.device,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """{name: tensor} -> one flat uint8 tensor laid out as `spec` says (the first spec.nbytes
+    of `out` when it is given and large enough: the sender reuses two buffers)."""
     if set(bucket) != {t.name for t in spec.tensors}:
         raise ValueError(f"bucket holds {sorted(bucket)[:3]}..., the snapshot layout expects "
                          f"{[t.name for t in spec.tensors][:3]}...: describe_snapshot and the bucket "
                          "iterator must use the same parameters and bucket_numel")
-    flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
+    if out is not None and out.numel() >= spec.nbytes:
+        flat = out[:spec.nbytes]
+    else:
+        flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
     for t in spec.tensors:
         x = bucket[t.name]
         if tuple(x.shape) != t.shape or x.dtype != t.dtype:
@@ -199,19 +204,33 @@ class CollectiveSender:
              pending: list[ray.ObjectRef] = ()) -> dict:
         """Broadcast one snapshot bucket by bucket; then wait for the workers' `pending` receive calls.
 
-        `buckets` must match `meta` (same order, names, shapes, dtypes). Returns metrics.
+        `buckets` must match `meta` (same order, names, shapes, dtypes). They may be views on
+        the sender's device (gather_zero3_buckets(to_cpu=False)): each is packed into one of
+        two device buffers, and bucket i+1 is gathered and packed while bucket i is on the
+        wire (double buffering; a buffer is refilled only once its broadcast finished).
+        Returns metrics.
         """
         if self._group is None:
             raise RuntimeError("CollectiveSender.connect() first")
         start = time.perf_counter()
         what = f"collective weight sync ({self.address.backend}), version {meta.version}"
+        buffers: list[torch.Tensor | None] = [None, None]
+        in_flight: list[tuple | None] = [None, None]  # (work, what) per buffer
         count = 0
         for i, bucket in enumerate(buckets):
             if i >= len(meta.buckets):
                 raise ValueError(f"{what}: more buckets than the {len(meta.buckets)} in the metadata")
-            flat = pack_bucket(meta.buckets[i], bucket, self.device)
-            self._broadcast(flat, f"{what}, bucket {i + 1}/{len(meta.buckets)}", pending)
+            slot = i % 2
+            if in_flight[slot] is not None:  # the broadcast that used this buffer must be done
+                self._finish(*in_flight[slot], pending)
+            flat = pack_bucket(meta.buckets[i], bucket, self.device, out=buffers[slot])
+            if buffers[slot] is None or flat.data_ptr() != buffers[slot].data_ptr():
+                buffers[slot] = flat
+            in_flight[slot] = (self._group.broadcast([flat], _root0()), f"{what}, bucket {i + 1}/{len(meta.buckets)}")
             count += 1
+        for slot in sorted(range(2), key=lambda s: -1 if in_flight[s] is None else 0):
+            if in_flight[slot] is not None:
+                self._finish(*in_flight[slot], pending)
         if count != len(meta.buckets):
             raise ValueError(f"{what}: got {count} buckets, the metadata announced {len(meta.buckets)}")
         try:
@@ -223,12 +242,12 @@ class CollectiveSender:
         return {"sync/seconds": seconds, "sync/bytes": meta.nbytes, "sync/version": meta.version,
                 "sync/buckets": count, "sync/gb_per_s": meta.nbytes / max(seconds, 1e-9) / 1e9}
 
-    def _broadcast(self, flat: torch.Tensor, what: str, pending: list[ray.ObjectRef] = ()) -> None:
-        """One bucket; while it is in flight, a receive call in `pending` that failed fails it at once
-        (WeightSyncError; the group is abandoned, not closed, so the error comes without delay)."""
+    def _finish(self, work, what: str, pending: list[ray.ObjectRef] = ()) -> None:
+        """Wait for one bucket's broadcast; while it is in flight, a receive call in `pending` that
+        failed fails it at once (WeightSyncError; the group is abandoned, not closed, so the error
+        comes without delay)."""
         try:
-            _wait_work(self._group.broadcast([flat], _root0()), time.monotonic() + self.timeout_s,
-                       check=lambda: _raise_if_failed(pending, what))
+            _wait_work(work, time.monotonic() + self.timeout_s, check=lambda: _raise_if_failed(pending, what))
         except WeightSyncError:
             self._abandon()
             raise
@@ -305,10 +324,12 @@ class CollectiveReceiver:
                                f"{address.host}:{address.port} within {timeout_s} s ({e})") from e
 
     def receive(self, meta: SnapshotMeta) -> dict[str, torch.Tensor]:
-        """Receive every bucket of the snapshot `meta` announces; returns {name: tensor} on this device.
+        """Receive every bucket of the snapshot `meta` announces; returns {name: CPU tensor}.
 
-        Safe to call from a second actor thread while roll-outs continue: it only fills
-        new buffers. Swapping them into the model between roll-outs is the caller's job.
+        Each bucket lands in a device buffer (NCCL needs one) and is copied to host memory
+        before the next: the GPU never holds more than one bucket of it. Safe to call from a
+        second actor thread while roll-outs continue: it only fills new buffers. Swapping
+        them into the model between roll-outs is the caller's job (weights.apply_snapshot).
         """
         if self._group is None:
             raise RuntimeError("CollectiveReceiver.join() first")
@@ -321,7 +342,7 @@ class CollectiveReceiver:
                 self.close()
                 raise TimeoutError(f"collective weight sync: receiving version {meta.version}, bucket "
                                    f"{i + 1}/{len(meta.buckets)} timed out after {self.timeout_s} s ({e})") from e
-            state.update(unpack_bucket(spec, flat))
+            state.update({k: v.to("cpu") for k, v in unpack_bucket(spec, flat).items()})
         return state
 
     def close(self) -> None:

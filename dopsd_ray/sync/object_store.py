@@ -8,8 +8,9 @@ bucket into the object store plus one copy out per worker.
 
 - One `ray.put` per bucket (never per parameter) and one `publish` RPC per snapshot.
 - The learner process OWNS the buckets it puts (Ray 2.56 removed `ray.put(_owner=)`),
-  so a snapshot dies with the learner that put it: `fetch_snapshot` then returns None
-  (the worker keeps the weights it has) until the restarted learner re-publishes, which
+  so a snapshot dies with the learner that put it: iterating its buckets then raises
+  SnapshotLost (the worker drops what it half-applied and waits, holding no version,
+  for a complete snapshot) until the restarted learner re-publishes, which
   it must do before it waits for experiences. The store holding the refs keeps the
   buckets alive while the learner lives; publishing a new snapshot frees the old one.
 - ObjectRefs travel nested in a list: Ray resolves ObjectRefs passed as top-level
@@ -29,7 +30,7 @@ protocol of sync/__init__.py); rollout workers poll with `fetch_snapshot`.
 """
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import ray
 import torch
@@ -123,34 +124,39 @@ def publish_snapshot(
     return nbytes
 
 
+class SnapshotLost(RuntimeError):
+    """The snapshot's buckets died with the learner that put them (a learner restart)."""
+
+
 def fetch_snapshot(
     store: "ActorHandle | WeightStore",
     current_version: int,
     timeout_s: float = 60.0,
     current_generation: int = 0,
-) -> tuple[int, int, dict[str, torch.Tensor], int] | None:
-    """Rollout worker: (version, generation, state_dict, bytes) if the store's snapshot is
-    not (current_version, current_generation), else None. Swap it in between roll-outs only.
+) -> tuple[int, int, Iterator[dict[str, torch.Tensor]], int] | None:
+    """Rollout worker: (version, generation, buckets, bytes) if the store's snapshot is not
+    (current_version, current_generation), else None. Swap it in between roll-outs only.
 
-    Also None when the snapshot's buckets are gone with the learner that put them
-    (a learner restart): keep the current weights and poll again.
+    `buckets` fetches one bucket at a time as it is iterated (weights.apply_snapshot copies
+    each into the model), so a worker never holds a second copy of the model. Iterating
+    raises SnapshotLost when the buckets are gone with the learner that put them.
     """
     got = _call(store.changed_since, timeout_s, current_version, current_generation)
     if got is None:
         return None
     version, refs, meta = got
-    try:
-        buckets = ray.get(refs, timeout=timeout_s)
-    except ObjectLostError:  # OwnerDiedError included: the learner that put them is gone
-        return None
-    except GetTimeoutError as e:
-        raise TimeoutError(f"object-store weight sync: fetching snapshot version {version} "
-                           f"({len(refs)} buckets) took over {timeout_s} s") from e
-    state: dict[str, torch.Tensor] = {}
-    for bucket in buckets:
-        state.update(bucket)
-    nbytes = sum(v.numel() * v.element_size() for v in state.values())
-    return version, meta["generation"], state, nbytes
+    return version, meta["generation"], _buckets(refs, version, timeout_s), meta["bytes"]
+
+
+def _buckets(refs: list[ray.ObjectRef], version: int, timeout_s: float) -> Iterator[dict[str, torch.Tensor]]:
+    for i, ref in enumerate(refs):
+        try:
+            yield ray.get(ref, timeout=timeout_s)
+        except ObjectLostError as e:  # OwnerDiedError included: the learner that put them is gone
+            raise SnapshotLost(f"snapshot version {version}: bucket {i + 1}/{len(refs)} is gone") from e
+        except GetTimeoutError as e:
+            raise TimeoutError(f"object-store weight sync: fetching bucket {i + 1}/{len(refs)} of snapshot "
+                               f"version {version} took over {timeout_s} s") from e
 
 
 def _call(method, timeout_s: float, *args):
