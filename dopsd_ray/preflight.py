@@ -62,6 +62,12 @@ def check_placement(cfg: Config) -> None:
                 f"runtime.sync_transport=collective (NCCL) with a fractional GPU in {', '.join(shared)}: Ray may "
                 "place two NCCL ranks on one GPU, which NCCL refuses; give learners and rollout workers whole "
                 "GPUs (GPU: 1), or use runtime.sync_transport=object_store")
+        # learner rank 0 sends over NCCL; a CPU rollout worker can only join a gloo group
+        if rollout_gpu <= 0:
+            raise ConfigError(
+                "runtime.sync_transport=collective with a GPU learner sends over NCCL, which CPU rollout workers "
+                f"(runtime.rollout_resources={rt.rollout_resources}) cannot join; give them a GPU, or use "
+                "runtime.sync_transport=object_store with runtime.allow_cpu_rollout=true")
 
 
 def needed_resources(cfg: Config) -> dict[str, float]:

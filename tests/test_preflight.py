@@ -1,5 +1,6 @@
 """Preflight placement refusals: a GPU learner with CPU-only rollout workers, and the
-collective (NCCL) transport where two ranks could share one GPU. Both fail from the recipe
+collective (NCCL) transport where two ranks could share one GPU or a rollout worker has
+none. Each fails from the recipe
 alone, before Ray starts."""
 
 from pathlib import Path
@@ -30,6 +31,9 @@ REFUSED = {
                             "runtime.rollout_resources={CPU: 1, GPU: 1}"],
                            ["runtime.sync_transport=collective", "runtime.learner_resources={'CPU': 1.0, 'GPU': 0.5}",
                             "runtime.sync_transport=object_store"]),
+    "collective_cpu_rollout": ([*CPU_ROLLOUT, "runtime.allow_cpu_rollout=true", "runtime.sync_transport=collective"],
+                               ["runtime.sync_transport=collective", "NCCL", "runtime.rollout_resources",
+                                "runtime.sync_transport=object_store"]),
 }
 ALLOWED = {
     "cpu_rollout_allowed": [*CPU_ROLLOUT, "runtime.allow_cpu_rollout=true"],

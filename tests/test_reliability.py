@@ -354,62 +354,49 @@ def test_a_killed_or_failed_checkpoint_write_never_replaces_the_last_good_one(tm
 
 
 # -- 5. non-finite gradients with a finite loss ------------------------------------------------
-def engine_steps(zero_stage: int) -> dict:
-    """A real DeepSpeed engine (world size 1, gloo) stepping through the learner's apply_step."""
+def engine_steps(zero_stage: int, dtype: str) -> dict:
+    """A real DeepSpeed engine (world size 1, gloo) with the learner's DeepSpeed settings,
+    stepping through the learner's apply_step."""
     import deepspeed
 
-    from dopsd_ray.learner import apply_step
+    from dopsd_ray.learner import apply_step, deepspeed_config
+    from dopsd_ray.ranks import LearnerRanks
     from dopsd_ray.sync.buckets import gather_zero3_buckets
 
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-              "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9}
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = torch.nn.Linear(4, 1).to(torch_dtype)
+    config = deepspeed_config(load_config(TINY, [f"runtime.zero_stage={zero_stage}", f"model.dtype={dtype}",
+                                                 "train.batch_size=1"]))
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
                                       config=config)
+    ranks = LearnerRanks(0, 1, "cpu")
 
     def weights():
         return {k: v.clone() for b in gather_zero3_buckets(list(engine.module.named_parameters()), 10**6)
                 for k, v in b.items()}
 
-    def finite(loss):
-        return bool(torch.isfinite(loss).all())
-
-    x = torch.ones(1, 4)
+    x = torch.ones(1, 4, dtype=torch_dtype)
     out = {}
     before = weights()
     # sqrt at 0: the loss is 0, its gradient is inf (a real overflow, no injection)
-    y = engine(x).sum()
+    y = engine(x).float().sum()
     loss = torch.sqrt(y - y.detach())
     out["inf_grad_loss"] = loss.item()
-    out["inf_grad_applied"] = apply_step(engine, loss, finite, zero_stage, 1)
+    out["inf_grad_applied"] = apply_step(engine, loss, ranks, zero_stage)
     out["inf_grad_unchanged"] = all(torch.equal(before[k], v) for k, v in weights().items())
-    out["nan_loss_applied"] = apply_step(engine, engine(x).sum() * math.nan, finite, zero_stage, 1)
+    out["nan_loss_applied"] = apply_step(engine, engine(x).float().sum() * math.nan, ranks, zero_stage)
     out["nan_loss_unchanged"] = all(torch.equal(before[k], v) for k, v in weights().items())
-    out["good_applied"] = apply_step(engine, (engine(x) - 1).pow(2).sum(), finite, zero_stage, 1)
+    out["good_applied"] = apply_step(engine, (engine(x).float() - 1).pow(2).sum(), ranks, zero_stage)
     out["good_changed"] = not all(torch.equal(before[k], v) for k, v in weights().items())
     return out
 
 
-def test_nonfinite_gradients_skip_the_optimizer_step(monkeypatch):
-    """ZeRO-3 (the default) and stage 0 (plain data parallel), in this process (world size 1)."""
-    import socket
-
-    import deepspeed
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                           LOCAL_RANK="0").items():
-        monkeypatch.setenv(key, value)
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        results = {stage: engine_steps(stage) for stage in (3, 0)}
-    finally:
-        dist.destroy_process_group()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nonfinite_gradients_skip_the_optimizer_step(deepspeed_world1, dtype):
+    """ZeRO-3 (the default), ZeRO-2 and stage 0 (plain data parallel), in this process (world size 1),
+    in fp32 and in bf16 (where DeepSpeed checks only with bf16.check_grad_overflow)."""
+    results = {stage: engine_steps(stage, dtype) for stage in (3, 2, 0)}
     for stage, got in results.items():
         assert got["inf_grad_loss"] == 0.0, stage  # a finite loss ...
         assert got["inf_grad_applied"] is False and got["inf_grad_unchanged"], stage  # ... whose step was skipped
