@@ -6,7 +6,8 @@
 Each run is a Ray TorchTrainer (gloo on CPU, NCCL on GPU) whose workers build the bench
 Z-Image-shaped transformer and its weights exactly as the learner does (make_weights:
 full weights + full EMA teacher, or LoRA student + teacher adapters), wrap them with
-deepspeed.initialize using the learner's own deepspeed_config (ZeRO-3), and take one
+deepspeed.initialize using the learner's own deepspeed_config (ZeRO-3; with LoRA the
+frozen base as buffers, whole on every rank, as Learner.setup does), and take one
 optimizer step so AdamW's moments exist. Then each rank counts the tensors it holds,
 by unique storage (views into DeepSpeed's flat buffers are counted once):
 
@@ -16,7 +17,7 @@ by unique storage (views into DeepSpeed's flat buffers are counted once):
 
 Also each rank's process RSS (psutil; includes Python, torch, gloo, the model before
 partitioning) for reference. Target: 2 ranks <= 0.6x the per-rank bytes of 1 rank.
-The learner itself logs no peak memory per rank yet (see the README's Benchmarks section).
+The learner logs its own peak per rank each step (`memory/peak_gb_rank0`).
 """
 
 import argparse
@@ -84,6 +85,7 @@ def train_loop(config: dict) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transformer = make_transformer(config["dim"], config["layers"]).to(device)
     weights = make_weights(transformer, cfg.lora, LORA_TARGETS)
+    weights.base_as_buffers()  # as the learner: with LoRA the frozen base stays whole, outside ZeRO-3
     optimizer = torch.optim.AdamW(weights.trainable_parameters(), lr=1e-5)
     engine, optimizer, _, _ = deepspeed.initialize(model=weights.module, optimizer=optimizer,
                                                    config=deepspeed_config(cfg))
