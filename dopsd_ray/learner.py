@@ -73,7 +73,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 def deepspeed_config(cfg: Config) -> dict:
     """DeepSpeed's settings, all in one place.
 
-    - bf16 with check_grad_overflow: without it DeepSpeed applies non-finite gradients.
+    - bf16 with check_grad_overflow: ZeRO-1/2 apply non-finite gradients without it (it is
+      DeepSpeed 0.19's default, not older versions'; ZeRO-3 always checks).
     - offload_optimizer with our torch AdamW: DeepSpeed refuses a torch optimizer with
       offload unless zero_force_ds_cpu_optimizer is off. torch's AdamW then steps the
       fp32 masters on the CPU (slower than DeepSpeedCPUAdam, but it needs no compiled op
@@ -123,6 +124,22 @@ def apply_step(engine, loss: torch.Tensor, ranks: LearnerRanks, zero_stage: int)
     return engine.was_step_applied()
 
 
+def release_stale_gathers(params) -> None:
+    """Drop the whole copies ZeRO-3 keeps of small parameters, so their next use re-gathers.
+
+    Parameters under stage3_param_persistence_threshold stay gathered between steps, and
+    DeepSpeed re-gathers them right after the optimizer step: before the EMA writes the
+    teacher's shards. Without this the teacher forward (and every gather for a sync or a
+    checkpoint) would read its small tensors one EMA step late. Freeing a whole copy is
+    local to each rank (no collective); every rank calls this.
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    stale = [p for p in params if getattr(p, "ds_persist", False) and p.ds_status == ZeroParamStatus.AVAILABLE]
+    if stale:
+        stale[0].partition(param_list=stale)
+
+
 class Learner:
     def __init__(self, loop_config: dict):
         self.cfg = Config.model_validate(loop_config["config"])
@@ -155,17 +172,23 @@ class Learner:
             self.family.transformer.enable_gradient_checkpointing()
         self.weights = make_weights(self.family.transformer, cfg.lora, lora_targets(cfg.model.family))
         if self.weights.base_as_buffers():  # LoRA: the frozen base stays whole on every rank, outside ZeRO
-            self.weights.module.to(self.device)
+            self.weights.module.to(self.device)  # (the adapters are small)
 
         # the checkpoint Ray Train resumes from, if complete; else the newest complete one in storage
         resume = usable_checkpoint(ray.train.get_checkpoint(), self.experiment_dir())
         state = load_checkpoint(resume, self.weights, self.rank, self.world) if resume else None
+        ds_config = deepspeed_config(cfg)
+        if cfg.runtime.zero_stage == 3 and not cfg.lora.enabled:
+            # Partition the CPU copy one parameter at a time, each moved to this GPU only for its own
+            # partitioning: without this, deepspeed.initialize moves the whole module (student and
+            # EMA teacher) onto every GPU first.
+            deepspeed.zero.Init(module=self.weights.module, config_dict_or_path=ds_config)
         optimizer = torch.optim.AdamW(
             self.weights.trainable_parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.weights.module, optimizer=optimizer, config=deepspeed_config(cfg))
+            model=self.weights.module, optimizer=optimizer, config=ds_config)
         self.ema = EmaTeacher(self.weights)  # after initialize: this rank's shards exist from here on
         if state is not None:
             state.restore_optimizer(self.optimizer)
@@ -217,6 +240,7 @@ class Learner:
                 staleness, rollout_s = self.step - item.version, item.rollout_seconds
             if self.optimizer_step(loss):
                 self.ema.step(cfg.algorithm.ema_decay)
+                release_stale_gathers(self.weights.teacher_parameters())
                 self.consecutive_skips = 0
             else:
                 self.counters["skipped_nonfinite"] += 1
@@ -301,9 +325,11 @@ class Learner:
         return message
 
     # -- weights out -----------------------------------------------------------------
-    def gathered(self, named: list):
-        """Yields buckets {key: full tensor on CPU} (empty on ranks > 0); all ranks iterate it."""
-        return gather_zero3_buckets(named, self.cfg.runtime.sync_bucket_numel, rank0_only=True)
+    def gathered(self, named: list, to_cpu: bool = True, pin: bool = False):
+        """Yields buckets {key: full tensor} (empty on ranks > 0); all ranks iterate it. On the
+        CPU (pinned for a transfer), or on this rank's device, valid until the next bucket."""
+        return gather_zero3_buckets(named, self.cfg.runtime.sync_bucket_numel, rank0_only=True,
+                                    to_cpu=to_cpu, pin=pin)
 
     def snapshot_parameters(self) -> list:
         """(key, param) of what rollout workers get: the student, and the EMA teacher
@@ -317,8 +343,10 @@ class Learner:
         """Gather the snapshot bucket by bucket (every rank) and publish it as version = step (rank 0)."""
         start = time.perf_counter()
         named = self.snapshot_parameters()
-        buckets = self.gathered(named)
-        if self.cfg.runtime.debug_check_sync and self.rank == 0:
+        debug = self.cfg.runtime.debug_check_sync
+        # the collective transport packs device buckets straight into its device buffers
+        buckets = self.gathered(named, to_cpu=self.publisher.host_buckets or debug, pin=True)
+        if debug and self.rank == 0:
             buckets = list(buckets)
             self.published_digests[self.step] = weights_digest(
                 {k: v for b in buckets for k, v in b.items() if not k.startswith(f"{TEACHER}/")})

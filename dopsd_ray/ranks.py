@@ -25,8 +25,9 @@ class LearnerRanks:
         return bad.item() == 0.0
 
     def all_finite(self, tensors: list[torch.Tensor]) -> bool:
-        """Every value of every tensor, on every rank, is finite."""
-        return self.all_true(all(bool(torch.isfinite(t.detach()).all()) for t in tensors))
+        """Every value of every tensor, on every rank, is finite (one host sync, not one per tensor)."""
+        flags = [torch.isfinite(t.detach()).all().to(self.device) for t in tensors]
+        return self.all_true(bool(torch.stack(flags).all()) if flags else True)
 
     def from_rank0(self, value: int) -> int:
         """Rank 0's integer, on every rank."""

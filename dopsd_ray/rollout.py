@@ -93,6 +93,7 @@ class RolloutWorker:
         self._staged = None  # collective: (version, generation, state, bytes, seconds) received, not swapped in
         self._staged_lock = threading.Lock()
         self.restarted = restarted_actor()
+        self.lost_at: float | None = None  # when a snapshot was lost half way (its learner died)
 
     # -- weights ---------------------------------------------------------------------
     def load_snapshot(self, version: int, generation: int, buckets) -> bool:
@@ -102,6 +103,7 @@ class RolloutWorker:
             apply_snapshot(self.weights, buckets)
         except SnapshotLost:
             self.version = -1
+            self.lost_at = time.monotonic()  # a restarted learner needs a start-up's time to re-publish
             return False
         self.version, self.generation, self.produced = version, generation, 0
         return True
@@ -199,19 +201,21 @@ class RolloutWorker:
     def wait_for_snapshot(self, store, per_version: int | None) -> None:
         """Swap weights between roll-outs; on-policy: block until a fresh snapshot exists.
 
-        The first snapshot waits runtime.startup_timeout_s: it comes only after the learner
-        loaded its models and set up DeepSpeed (minutes at 6-9B); later ones sync_timeout_s.
+        A worker without a snapshot (the first one, or after one was lost with its learner)
+        waits runtime.startup_timeout_s, counted from the loss: the snapshot comes only after a
+        learner loaded its models and set up DeepSpeed (minutes at 6-9B). Otherwise it waits
+        runtime.sync_timeout_s.
         """
         rt = self.cfg.runtime
-        first = self.stats["snapshots"] == 0
-        timeout_s, name = (rt.startup_timeout_s, "startup_timeout_s") if first else (rt.sync_timeout_s, "sync_timeout_s")
-        deadline = time.monotonic() + timeout_s
+        since = time.monotonic()
         while not self._stop.is_set():
             self.update_weights(store)
             fresh = self.version >= 0 and (per_version is None or self.produced < per_version)
             if fresh:
                 return
-            if time.monotonic() > deadline:
+            starting = self.version < 0
+            timeout_s, name = (rt.startup_timeout_s, "startup_timeout_s") if starting else (rt.sync_timeout_s, "sync_timeout_s")
+            if time.monotonic() > max(since, self.lost_at or since) + timeout_s:
                 raise TimeoutError(
                     f"rollout worker {self.index}: no new weight snapshot after version {self.version} "
                     f"within runtime.{name}={timeout_s} s (runtime.sync_transport={rt.sync_transport})")

@@ -177,7 +177,8 @@ def state_dict(weights, which: str = STUDENT) -> dict[str, torch.Tensor]:
 def apply_snapshot(weights, buckets: Iterable[dict[str, torch.Tensor]]) -> int:
     """Copy a snapshot into the model one bucket at a time (keys "teacher/..." go to the
     teacher); returns its bytes. A worker so needs one bucket of extra memory, not a
-    second model. Every student key (and every teacher key, if any came) must arrive."""
+    second model. Every student key, and every teacher key of weights that have a
+    teacher, must arrive (a teacher left at its old value would go unnoticed)."""
     targets = {STUDENT: dict(weights.named_parameters(STUDENT)), TEACHER: dict(weights.named_parameters(TEACHER))}
     seen = {STUDENT: set(), TEACHER: set()}
     nbytes = 0
@@ -189,7 +190,7 @@ def apply_snapshot(weights, buckets: Iterable[dict[str, torch.Tensor]]) -> int:
             targets[which][name].copy_(value, non_blocking=True)
             seen[which].add(name)
             nbytes += value.numel() * value.element_size()
-    for which in (STUDENT, TEACHER) if seen[TEACHER] else (STUDENT,):
+    for which in (STUDENT, TEACHER) if targets[TEACHER] else (STUDENT,):
         missing = sorted(targets[which].keys() - seen[which])
         if missing:
             raise KeyError(f"snapshot misses {len(missing)} {which} weights, e.g. {missing[:3]}")

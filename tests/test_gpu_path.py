@@ -202,6 +202,57 @@ def test_bf16_ema_teacher_follows_an_fp32_reference_under_zero3_and_resumes_exac
     assert all(torch.equal(t, s.to(torch.bfloat16)) for t, s in zip(ema.teacher, ema.shadow))
 
 
+def two_rank_ema(rank: int, port: int, tiny_dir: str, out: str, release: bool) -> None:
+    """One of two gloo ranks: bf16 ZeRO-3 LoRA steps with the learner's EMA; rank 0 writes
+    the largest gap between the teacher and the fp32 reference EMA (in bf16 ulps)."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from dopsd_ray.learner import release_stale_gathers
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    deepspeed.init_distributed(dist_backend="gloo")
+    _, family, weights, engine, _ = engine_for(tiny_dir, "model.dtype=bfloat16", "optim.lr=0.05")
+    ema = EmaTeacher(weights)
+    reference = gathered(weights.named_parameters(TEACHER))
+    for step in range(6):
+        train_step(family, weights, engine, step)
+        ema.step(0.9)
+        if release:
+            release_stale_gathers(weights.teacher_parameters())
+        student = gathered(weights.named_parameters(STUDENT))
+        reference = {k: 0.9 * reference[k] + 0.1 * student[k] for k in reference}
+    teacher = gathered(weights.named_parameters(TEACHER))
+    gap = max(((teacher[k] - reference[k]).abs() / (reference[k].abs() * 2 ** -8 + 1e-12)).max().item()
+              for k in teacher)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"gap_ulps": gap}))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_zero3_teacher_is_not_read_one_ema_step_late(tiny_zimage_dir, tmp_path):
+    """ZeRO-3 keeps small parameters gathered and re-gathers them right after the optimizer
+    step, before the EMA: unless released, every read of them lags one EMA step (at one rank
+    the gathered copy shares the shard's memory, so this needs two). Without
+    learner.release_stale_gathers this run's gap was > 4 ulps."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "gap.json"
+    mp.spawn(two_rank_ema, args=(port, str(tiny_zimage_dir), str(out), True), nprocs=2, join=True)
+    gap = json.loads(out.read_text())["gap_ulps"]
+    assert gap <= 1.0, f"the teacher is {gap:.1f} bf16 ulps from the fp32 EMA"
+
+
 @pytest.mark.parametrize("stage", [3, 2])
 def test_offloaded_optimizer_trains_with_the_learners_torch_adamw(deepspeed_world1, tiny_zimage_dir, stage):
     _, family, weights, engine, _ = engine_for(tiny_zimage_dir, "runtime.offload_optimizer=true",

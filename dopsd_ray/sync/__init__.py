@@ -23,6 +23,8 @@ __all__ = ["WeightPublisher", "assert_same_weights", "gather_zero3_buckets", "pl
 class WeightPublisher(Protocol):
     """Learner rank 0's end of a weight transport (StorePublisher, CollectivePublisher)."""
 
+    host_buckets: bool  # True: give publish() buckets copied to host memory; False: device tensors
+
     def open(self) -> None:
         """Set up, once per learner process, before the first publish."""
 

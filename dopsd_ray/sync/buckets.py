@@ -63,11 +63,14 @@ def gather_zero3_buckets(
     bucket_numel: int,
     rank0_only: bool = False,
     to_cpu: bool = True,
+    pin: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yields {name: full tensor} per bucket, gathering one bucket at a time.
 
-    to_cpu=True: copies on the CPU (pinned, copied asynchronously from a GPU, one wait per
-    bucket), which outlive the iteration: for the object store, checkpoints and export.
+    to_cpu=True: copies on the CPU, which outlive the iteration: for the object store,
+    checkpoints and export. With pin=True (a bucket on its way to the object store) they
+    are pinned and copied asynchronously from a GPU, one wait per bucket; checkpoints and
+    exports stay in pageable memory (pinned memory is page-locked and cached for reuse).
     to_cpu=False: the gathered tensors themselves, on the learner's device, valid only
     until the next bucket is asked for: for the collective transport, which packs them
     straight into its device buffer (no trip through host memory).
@@ -92,15 +95,15 @@ def gather_zero3_buckets(
             if not copy_here:
                 yield {}
             elif to_cpu:
-                yield _host_copies({n: params[n].detach() for n in names})
+                yield _host_copies({n: params[n].detach() for n in names}, pin)
             else:
                 yield {n: params[n].detach() for n in names}
         # leaving the context re-partitions the bucket: its full copies are freed here
 
 
-def _host_copies(bucket: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU copies of a bucket; from a GPU into pinned memory, asynchronously, then one wait."""
-    if not any(t.is_cuda for t in bucket.values()):
+def _host_copies(bucket: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
+    """CPU copies of a bucket; with pin, from a GPU into pinned memory, asynchronously, then one wait."""
+    if not pin or not any(t.is_cuda for t in bucket.values()):
         return {n: t.to("cpu", copy=True) for n, t in bucket.items()}
     out = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
            for n, t in bucket.items()}

@@ -228,7 +228,7 @@ class CollectiveSender:
                 buffers[slot] = flat
             in_flight[slot] = (self._group.broadcast([flat], _root0()), f"{what}, bucket {i + 1}/{len(meta.buckets)}")
             count += 1
-        for slot in sorted(range(2), key=lambda s: -1 if in_flight[s] is None else 0):
+        for slot in (count % 2, (count + 1) % 2):  # the older broadcast first
             if in_flight[slot] is not None:
                 self._finish(*in_flight[slot], pending)
         if count != len(meta.buckets):
@@ -273,6 +273,8 @@ class CollectivePublisher:
     Picklable until open() (it travels to the learner in train_loop_config); open() and
     publish() run in the learner rank 0 process. Worker i is rank i + 1 of the group.
     """
+
+    host_buckets = False  # buckets stay on the learner's device and are packed there (no host trip)
 
     def __init__(self, workers: list, bucket_numel: int, timeout_s: float = 60.0):
         self.workers, self.bucket_numel, self.timeout_s = list(workers), bucket_numel, timeout_s
@@ -342,7 +344,7 @@ class CollectiveReceiver:
                 self.close()
                 raise TimeoutError(f"collective weight sync: receiving version {meta.version}, bucket "
                                    f"{i + 1}/{len(meta.buckets)} timed out after {self.timeout_s} s ({e})") from e
-            state.update({k: v.to("cpu") for k, v in unpack_bucket(spec, flat).items()})
+            state.update(unpack_bucket(spec, flat.cpu()))  # one device-to-host copy per bucket
         return state
 
     def close(self) -> None:

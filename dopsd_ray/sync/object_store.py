@@ -81,6 +81,8 @@ class WeightStore:
 class StorePublisher:
     """Learner rank 0's end of the object-store transport: one `publish_snapshot` per sync."""
 
+    host_buckets = True  # ray.put takes CPU tensors: the learner gathers buckets into host memory
+
     def __init__(self, store: "ActorHandle | WeightStore", timeout_s: float = 60.0):
         self.store, self.timeout_s = store, timeout_s
 
