@@ -24,7 +24,10 @@ from dopsd_ray.families.zimage import build_tiny_zimage
 TEXT_HIDDEN = 16  # build_tiny_zimage's Qwen3 hidden size = the transformer's cap_feat_dim
 
 
-def transformer_kwargs(dim: int, layers: int, refiner_layers: int = 1, head_dim: int = 64) -> dict:
+def transformer_kwargs(dim: int, layers: int, refiner_layers: int = 1, head_dim: int = 64,
+                       cap_feat_dim: int = TEXT_HIDDEN, axes_lens: tuple[int, int, int] = (256, 128, 128)) -> dict:
+    """cap_feat_dim must equal the text encoder's hidden size (16 for build_tiny_zimage's;
+    the real model: 2560, with axes_lens (1536, 512, 512))."""
     if dim % head_dim:
         raise ValueError(f"--dim {dim} must be a multiple of head_dim {head_dim}")
     if head_dim % 8:
@@ -33,15 +36,16 @@ def transformer_kwargs(dim: int, layers: int, refiner_layers: int = 1, head_dim:
     heads = dim // head_dim
     return dict(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=dim, n_layers=layers,
-        n_refiner_layers=refiner_layers, n_heads=heads, n_kv_heads=heads, cap_feat_dim=TEXT_HIDDEN,
-        axes_dims=axes, axes_lens=[256, 128, 128],
+        n_refiner_layers=refiner_layers, n_heads=heads, n_kv_heads=heads, cap_feat_dim=cap_feat_dim,
+        axes_dims=axes, axes_lens=list(axes_lens),
     )
 
 
-def make_transformer(dim: int, layers: int, refiner_layers: int = 1, seed: int = 0) -> ZImageTransformer2DModel:
+def make_transformer(dim: int, layers: int, refiner_layers: int = 1, seed: int = 0, **kwargs) -> ZImageTransformer2DModel:
+    """kwargs: head_dim, cap_feat_dim, axes_lens (see transformer_kwargs)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        transformer = ZImageTransformer2DModel(**transformer_kwargs(dim, layers, refiner_layers))
+        transformer = ZImageTransformer2DModel(**transformer_kwargs(dim, layers, refiner_layers, **kwargs))
         with torch.no_grad():  # diffusers may leave these uninitialised (torch.empty) -> NaN outputs
             transformer.x_pad_token.normal_(std=0.02)
             transformer.cap_pad_token.normal_(std=0.02)
