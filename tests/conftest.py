@@ -27,9 +27,12 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def deepspeed_world1():
-    """A one-rank gloo default group in this process, for real DeepSpeed engines without Ray."""
+    """A one-rank gloo default group in this process, for real DeepSpeed engines without Ray.
+
+    One per session: DeepSpeed caches the groups it was initialised with, so a group torn
+    down and made again would leave it holding the old one ("Group ... is not registered")."""
     import os
     import socket
 

@@ -234,7 +234,7 @@ def test_a_restarted_learner_never_trains_on_a_dead_learners_snapshots(out):
     trained on. A real Learner reading a real queue."""
     cfg = config(out, "generations", "runtime.mode=disaggregated", "runtime.max_staleness=1", steps=1)
     learner = Learner({"config": cfg.model_dump(), "model_path": None, "experience_queue": queue.Queue()})
-    learner.step, learner.generation = 6, 2
+    learner.step, learner.generation, learner.device = 6, 2, torch.device("cpu")  # what setup() would set
     made = [(6, 1), (5, 1), (7, 2), (4, 2), (6, 2), (5, 2)]  # (version, generation); generation 1 is dead
     for version, generation in made:
         learner.queue.put(Experience([f"{version}/{generation}"], version, "sft", None, generation=generation))
