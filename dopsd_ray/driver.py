@@ -27,7 +27,7 @@ from ray.util.queue import Queue
 from .config import Config, RuntimeConfig
 from .data.stream import read_shards, sample_dataset_path, take_validation
 from .families import build_tiny
-from .learner import train_loop_per_worker
+from .learner import LearnerInputs, train_loop_per_worker
 from .preflight import check_resources, preflight
 from .rollout import RolloutWorker
 from .sync.collective import CollectivePublisher
@@ -77,8 +77,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     validation = take_validation(dataset, cfg)
 
     # 2. rollout workers (disaggregated modes)
-    loop_config = {"config": cfg.model_dump(mode="json"), "model_path": model_path,
-                   "validation": validation, "tracking": (tracking_uri(cfg), mlflow.run_id)}
+    inputs = LearnerInputs(cfg.model_dump(mode="json"), model_path, validation, (tracking_uri(cfg), mlflow.run_id))
     workers, runs, datasets = [], [], {"train": dataset}
     rt = cfg.runtime
     if rt.mode == "disaggregated":
@@ -94,14 +93,14 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
         per_version = None if rt.max_staleness > 0 else math.ceil(rt.num_learners / rt.num_rollout_workers)
         splits = dataset.streaming_split(rt.num_rollout_workers)
         runs = [w.run.remote(split, store, queue, per_version) for w, split in zip(workers, splits)]
-        loop_config.update(weight_sync=publisher, experience_queue=queue)
+        inputs.weight_sync, inputs.experience_queue = publisher, queue
         datasets = {}
 
     # 3. learner
     use_gpu = rt.learner_resources.get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"inputs": inputs},
         scaling_config=ScalingConfig(num_workers=rt.num_learners, use_gpu=use_gpu,
                                      resources_per_worker=dict(rt.learner_resources)),
         run_config=RunConfig(
@@ -130,7 +129,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
         "mlflow_run_id": mlflow.run_id,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "final_metrics": result.metrics,
-        "data": data_stats.as_dict() if hasattr(data_stats, "as_dict") else data_stats,
+        "data": data_stats.as_dict(),
         "rollout_workers": worker_stats,
         "rollout_restarts": learner.get("counters", {}).get("rollout_restarts", 0),
         "seconds": seconds,

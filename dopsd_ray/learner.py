@@ -36,10 +36,12 @@ partitioning (weights.LoraWeights.base_as_buffers) so it is not re-gathered for 
 forward; experiences arrive as CPU tensors and are moved here (tensors.to_device).
 """
 
-import warnings
 import math
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import ray.train
@@ -47,24 +49,37 @@ import ray.train.torch
 import torch
 
 from .algorithms.schedules import training_sigmas
-from .algorithms.steps import Batch, colocated_loss, experience_loss
+from .algorithms.steps import Batch, RolloutRestart, colocated_loss, experience_loss
 from .checkpoint import load_checkpoint, ray_upload_fn, save_checkpoint, usable_checkpoint, checkpoint_dir_name
 from .config import Config
 from .data.stream import iter_batches
 from .families import lora_targets, load_family, pipeline_class
+from .families.base import Family
 from .preview import sample_grid_for
 from .ranks import LearnerRanks
-from .rollout import RolloutRestart
+from .sync import WeightPublisher
 from .sync.buckets import gather_zero3_buckets, weights_digest
-from .tracking import MlflowRun
-from .weights import STUDENT, TEACHER, EmaTeacher, make_weights
+from .tracking import MetricSink, MlflowRun
+from .weights import STUDENT, TEACHER, EmaTeacher, Weights, make_weights
+
+
+@dataclass
+class LearnerInputs:
+    """What the driver hands every learner rank (Ray Train's train_loop_config={"inputs": ...})."""
+
+    config: dict  # Config.model_dump(mode="json")
+    model_path: str
+    validation: tuple | None = None  # (captions, images) for sample grids
+    tracking: tuple[str, str] | None = None  # (tracking_uri, run_id) of the driver's MLflow run
+    weight_sync: WeightPublisher | None = None  # disaggregated: learner rank 0's end of the transport
+    experience_queue: Any = None  # disaggregated: the ray.util.queue.Queue rollout workers fill
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Rank 0's return value reaches the driver as Result.return_value: step, counters, and
     "stopped" (a message) when the learners gave up on non-finite steps."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    learner = Learner(loop_config)
+    learner = Learner(loop_config["inputs"])
     learner.setup()
     stopped = learner.train()
     return {"step": learner.step, "counters": dict(learner.counters), "stopped": stopped}
@@ -141,13 +156,17 @@ def release_stale_gathers(params) -> None:
 
 
 class Learner:
-    def __init__(self, loop_config: dict):
-        self.cfg = Config.model_validate(loop_config["config"])
-        self.model_path = loop_config["model_path"]
-        self.publisher = loop_config.get("weight_sync")  # disaggregated: a WeightPublisher (driver.weight_sync)
-        self.queue = loop_config.get("experience_queue")  # disaggregated: where experiences come from
-        self.validation = loop_config.get("validation")  # (captions, images) for sample grids
-        self.tracking = loop_config.get("tracking")  # (tracking_uri, run_id)
+    family: Family
+    weights: Weights
+    mlflow: MetricSink | None
+
+    def __init__(self, inputs: LearnerInputs):
+        self.cfg = Config.model_validate(inputs.config)
+        self.model_path = inputs.model_path
+        self.publisher: WeightPublisher | None = inputs.weight_sync  # disaggregated (driver.weight_sync)
+        self.queue = inputs.experience_queue  # disaggregated: where experiences come from
+        self.validation = inputs.validation
+        self.tracking = inputs.tracking
         self.step = 0
         self.consecutive_skips = 0  # non-finite steps in a row
         self.counters = {"skipped_nonfinite": 0, "dropped_stale": 0, "sync_checked": 0, "rollout_restarts": 0}

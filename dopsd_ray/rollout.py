@@ -41,28 +41,21 @@ by a test).
 
 import threading
 import time
-from dataclasses import dataclass
 
 import ray
 import torch
 from ray.util.queue import Full
 
 from .algorithms.schedules import training_sigmas
-from .algorithms.steps import Batch, make_experience
+from .algorithms.steps import Batch, RolloutRestart, make_experience
 from .config import Config
 from .data.stream import iter_batches
 from .families import lora_targets, load_family
 from .sync.buckets import weights_digest
 from .sync.collective import CollectiveReceiver
+from .families.base import Family
 from .sync.object_store import SnapshotLost, fetch_snapshot
-from .weights import STUDENT, apply_snapshot, make_weights, state_dict
-
-
-@dataclass(frozen=True)
-class RolloutRestart:
-    """Put in the experience queue by a rollout worker that is a restarted process."""
-
-    index: int
+from .weights import STUDENT, Weights, apply_snapshot, make_weights, state_dict
 
 
 def restarted_actor() -> bool:
@@ -74,6 +67,9 @@ def restarted_actor() -> bool:
 
 
 class RolloutWorker:
+    family: Family
+    weights: Weights
+
     def __init__(self, config: dict, model_path: str, index: int):
         self.cfg = Config.model_validate(config)
         if self.cfg.runtime.torch_threads:

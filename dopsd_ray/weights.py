@@ -21,8 +21,9 @@ at full fine-tuning that is a whole model copy they never use.
 import copy
 import warnings
 from collections.abc import Iterable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from peft import LoraConfig
@@ -32,6 +33,25 @@ from torch import nn
 from .algorithms.ema import ema_update
 
 STUDENT, TEACHER = "student", "teacher"
+
+
+class Weights(Protocol):
+    """The surface the learner, the rollout workers and the algorithm use (LoraWeights, FullWeights)."""
+
+    model: nn.Module  # the module to call for the student
+    module: nn.Module  # every weight, student and teacher: what DeepSpeed wraps
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def teacher_parameters(self) -> list[nn.Parameter]: ...
+
+    def named_parameters(self, which: str = STUDENT) -> list[tuple[str, nn.Parameter]]: ...
+
+    def teacher(self) -> AbstractContextManager[nn.Module]: ...
+
+    def base_as_buffers(self) -> int: ...
+
+    def export(self, path: str | Path, pipeline_class=None, state: dict | None = None) -> Path: ...
 
 
 class LoraWeights:

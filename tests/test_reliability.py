@@ -39,7 +39,7 @@ from dopsd_ray.algorithms.steps import Experience
 from dopsd_ray.config import load_config
 from dopsd_ray.driver import train
 from dopsd_ray.families import pipeline_class
-from dopsd_ray.learner import Learner
+from dopsd_ray.learner import Learner, LearnerInputs
 from dopsd_ray.weights import FullWeights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,7 +233,7 @@ def test_a_restarted_learner_never_trains_on_a_dead_learners_snapshots(out):
     is dropped (and counted) whatever its version, one of its own within max_staleness is
     trained on. A real Learner reading a real queue."""
     cfg = config(out, "generations", "runtime.mode=disaggregated", "runtime.max_staleness=1", steps=1)
-    learner = Learner({"config": cfg.model_dump(), "model_path": None, "experience_queue": queue.Queue()})
+    learner = Learner(LearnerInputs(cfg.model_dump(), None, experience_queue=queue.Queue()))
     learner.step, learner.generation, learner.device = 6, 2, torch.device("cpu")  # what setup() would set
     made = [(6, 1), (5, 1), (7, 2), (4, 2), (6, 2), (5, 2)]  # (version, generation); generation 1 is dead
     for version, generation in made:

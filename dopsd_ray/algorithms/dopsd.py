@@ -1,7 +1,7 @@
 """The D-OPSD step (method.md, "One training step"), in plain PyTorch.
 
 The algorithm sees velocity functions only: `student(x, sigma)` and `teacher(x, sigma)`
-return v = eps - x0 with their contexts already bound (see `bind_velocity`). It knows
+return v = eps - x0 with their contexts already bound (steps.velocity_fn). It knows
 nothing of Ray, DeepSpeed or model families.
 
 Colocated (the released recipe): `dopsd_step` rolls out from noise with the student's
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from .sampling import euler_step
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,7 +43,6 @@ class DopsdOutput:
     loss: torch.Tensor  # mean over trained states, carries the student's graph
     state_losses: list[float]  # detached, one per trained state
     states: torch.Tensor  # (K, *latent) the visited states x_k, detached
-    final: torch.Tensor  # x after the last Euler step (a sample), detached
 
 
 def dopsd_step(
@@ -68,9 +69,9 @@ def dopsd_step(
         else:
             with torch.no_grad():
                 v_student = student(x, sigma)
-        x = x + (sigma_next - sigma) * v_student.float()  # the student's own Euler step
+        x = euler_step(x, sigma, sigma_next, v_student)  # the student's own Euler step
     loss = torch.stack(losses).mean()
-    return DopsdOutput(loss, [l.item() for l in losses], torch.stack(states), x.detach())
+    return DopsdOutput(loss, [l.item() for l in losses], torch.stack(states))
 
 
 @torch.no_grad()
@@ -80,7 +81,7 @@ def rollout_states(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tenso
     states = []
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         states.append(x)
-        x = x + (sigma_next - sigma) * student(x, sigma).float()
+        x = euler_step(x, sigma, sigma_next, student(x, sigma))
     return torch.stack(states)
 
 

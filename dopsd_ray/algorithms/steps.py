@@ -59,6 +59,14 @@ class Batch:
         return batch_generator(self.seed, self.stream, self.index)
 
 
+@dataclass(frozen=True)
+class RolloutRestart:
+    """Put in the experience queue by a rollout worker that is a restarted process (the
+    learner counts it: `count/rollout_restarts`)."""
+
+    index: int
+
+
 @dataclass
 class Experience:
     """What a rollout worker hands the learner: one roll-out of one batch."""
@@ -90,22 +98,33 @@ class Experience:
         return batch * (len(self.train_states) if self.algorithm == "dopsd" else 1)
 
 
-def colocated_loss(family, weights, batch: Batch, sigmas: torch.Tensor, algo) -> tuple[torch.Tensor, dict]:
-    """One step of the released recipe (dopsd) or of baseline SFT, computed by the learner."""
+@torch.no_grad()
+def _inputs(family, batch: Batch, sigmas: torch.Tensor, algo) -> dict:
+    """What a step starts from, for both the learner (colocated) and a rollout worker: the
+    student context, then for SFT (x0, eps, sigmas), for D-OPSD the teacher context, the
+    noise and the trained states. Random draws come from the batch's generator in this one
+    order, so both sides draw the same numbers for the same batch."""
     family.check_images(batch.images)
     gen = batch.generator
     _, _, height, width = batch.images.shape
-    with torch.no_grad():
-        c_s = family.student_context(batch.captions)
+    images = batch.images.to(family.device)
+    out = {"c_s": family.student_context(batch.captions)}
     if algo.name == "sft":
-        with torch.no_grad():
-            x0, noise, s = _sft_inputs(family, batch.images.to(family.device), gen, algo)
-        return _sft(family, weights, c_s, x0, noise, s)
-    with torch.no_grad():
-        c_t = family.teacher_context(batch.captions, batch.images.to(family.device))
+        out["x0"], out["noise"], out["sft_sigmas"] = _sft_inputs(family, images, gen, algo)
+        return out
+    out["c_t"] = family.teacher_context(batch.captions, images)
     # noise is drawn on the CPU (the same numbers on every device), then moved to the model
-    noise = torch.randn(family.latent_shape(len(batch.captions), height, width), generator=gen).to(family.device)
-    train = choose_states(len(sigmas) - 1, algo.states_per_rollout, gen)
+    out["noise"] = torch.randn(family.latent_shape(len(batch.captions), height, width), generator=gen).to(family.device)
+    out["train"] = choose_states(len(sigmas) - 1, algo.states_per_rollout, gen)
+    return out
+
+
+def colocated_loss(family, weights, batch: Batch, sigmas: torch.Tensor, algo) -> tuple[torch.Tensor, dict]:
+    """One step of the released recipe (dopsd) or of baseline SFT, computed by the learner."""
+    inputs = _inputs(family, batch, sigmas, algo)
+    if algo.name == "sft":
+        return _sft(family, weights, inputs["c_s"], inputs["x0"], inputs["noise"], inputs["sft_sigmas"])
+    c_s, c_t, noise, train = inputs["c_s"], inputs["c_t"], inputs["noise"], inputs["train"]
 
     def teacher(x, sigma):
         with weights.teacher() as model:
@@ -140,17 +159,12 @@ def _dopsd_metrics(state_losses: list[float], sigmas, train, batch_size: int) ->
 def make_experience(family, weights, batch: Batch, sigmas: torch.Tensor, algo, version: int, with_targets: bool) -> Experience:
     """A rollout worker's job: contexts, K student steps without grad, optional teacher targets."""
     start = time.perf_counter()
-    family.check_images(batch.images)
-    gen = batch.generator
-    _, _, height, width = batch.images.shape
-    c_s = family.student_context(batch.captions)
+    inputs = _inputs(family, batch, sigmas, algo)
+    c_s = inputs["c_s"]
     if algo.name == "sft":
-        x0, noise, s = _sft_inputs(family, batch.images.to(family.device), gen, algo)
-        return Experience(batch.ids, version, "sft", c_s, latents=x0, noise=noise, sft_sigmas=s,
-                          rollout_seconds=time.perf_counter() - start)
-    c_t = family.teacher_context(batch.captions, batch.images.to(family.device))
-    noise = torch.randn(family.latent_shape(len(batch.captions), height, width), generator=gen).to(family.device)
-    train = choose_states(len(sigmas) - 1, algo.states_per_rollout, gen)
+        return Experience(batch.ids, version, "sft", c_s, latents=inputs["x0"], noise=inputs["noise"],
+                          sft_sigmas=inputs["sft_sigmas"], rollout_seconds=time.perf_counter() - start)
+    c_t, noise, train = inputs["c_t"], inputs["noise"], inputs["train"]
     states = rollout_states(velocity_fn(family, weights.model, c_s), noise, sigmas)
     targets = None
     if with_targets:

@@ -16,26 +16,27 @@ Set-up (learner rank 0, with the worker handles):
 
     sender = CollectiveSender(num_receivers=len(workers), timeout_s=60)
     address = sender.open()                                   # TCPStore on a free port
-    joins = [w.join_weight_group.remote(address, rank=i + 1) for i, w in enumerate(workers)]
+    joins = [w.join_collective.remote(address, rank=i + 1) for i, w in enumerate(workers)]
     sender.connect(pending=joins)                             # every worker joined, or TimeoutError
 
-    # worker actor:  def join_weight_group(self, address, rank):
+    # worker actor:  def join_collective(self, address, rank):
     #                    self.receiver = CollectiveReceiver(); self.receiver.join(address, rank)
 
 One sync: the metadata goes first through Ray, then one broadcast per bucket (one
 flat contiguous byte tensor each):
 
-    meta = describe_snapshot(step, weights.named_parameters(), bucket_numel)   # all learner ranks
-    refs = [w.receive_weights.remote(meta) for w in workers]                   # rank 0
-    buckets = gather_zero3_buckets(weights.named_parameters(), bucket_numel)   # all learner ranks
-    stats = sender.send(meta, buckets, pending=refs)                           # rank 0
+    buckets = gather_zero3_buckets(named, bucket_numel, rank0_only=True, to_cpu=False)  # every learner rank
+    meta = describe_snapshot(step, named, bucket_numel)                       # rank 0 (full shapes, no gather)
+    refs = [w.receive_weights.remote(meta) for w in workers]                  # rank 0
+    stats = sender.send(meta, buckets, pending=refs)                          # rank 0
     # ranks > 0 just iterate `buckets` to the end (the gather is their collective)
 
     # worker actor, max_concurrency >= 2 so this runs in a thread beside the roll-out loop:
     #     def receive_weights(self, meta):
-    #         state = self.receiver.receive(meta)
-    #         with self.lock: self.pending = (meta.version, state)
-    # and the roll-out loop swaps `pending` in BETWEEN roll-outs, never mid-trajectory.
+    #         state = self.receiver.receive(meta)           # host memory, one bucket on the GPU at a time
+    #         with self._staged_lock: self._staged = (meta.version, ..., [state], ...)
+    # and the roll-out loop swaps the staged snapshot in BETWEEN roll-outs, never
+    # mid-trajectory (rollout.RolloutWorker.next_snapshot / weights.apply_snapshot).
     # Swapping is the caller's job: receive() only returns the new weights.
 
 Timeouts: every wait (join, each broadcast, the workers' replies) has a deadline;
@@ -156,7 +157,8 @@ def unpack_bucket(spec: BucketSpec, flat: torch.Tensor) -> dict[str, torch.Tenso
 
 
 class WeightSyncError(RuntimeError):
-    """A rollout worker's receive call failed during a collective sync; the group is closed."""
+    """A rollout worker's receive call failed during a collective sync; the group is given up
+    (closed, or abandoned while a broadcast is in flight: see CollectiveSender._abandon)."""
 
 
 class CollectiveSender:
@@ -413,7 +415,7 @@ def _raise_if_failed(refs, what: str) -> None:
             ray.get(ref)
         except ray.exceptions.RayError as e:
             raise WeightSyncError(f"{what}: a rollout worker's receive failed, so the broadcast cannot "
-                                  f"complete; the group is closed ({e})") from e
+                                  f"complete; the group is given up ({e})") from e
 
 
 def _wait_refs(refs, deadline: float, what: str) -> None:

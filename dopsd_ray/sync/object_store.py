@@ -63,9 +63,6 @@ class WeightStore:
     def latest(self) -> tuple[int, list[ray.ObjectRef], dict]:
         return self._version, list(self._refs), dict(self._meta)
 
-    def version(self) -> int:
-        return self._version
-
     def changed_since(self, version: int, generation: int = 0) -> tuple[int, list[ray.ObjectRef], dict] | None:
         """The snapshot if it is not (version, generation): newer, a rollback, or another
         learner process's snapshot of the same step; else None."""
