@@ -118,7 +118,7 @@ class OptimConfig(Section):
 class DataConfig(Section):
     # Parquet shards (a directory, files, or s3:// URIs) or webdataset tars written by
     # jobs/prepare_data.py, or a folder of images + .txt captions. None: the bundled
-    # sample dataset (for family=toy: the toy concept images, data/toy_concept).
+    # dataset (data/bundled) (for family=toy: the toy concept images, data/toy_concept).
     path: str | list[str] | None = None
     pixel_budget: int = Field(1024 * 1024, ge=16 * 16)  # aspect-ratio buckets near this area
     max_aspect_ratio: float = Field(2.0, ge=1.0)

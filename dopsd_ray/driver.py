@@ -25,7 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
 
 from .config import Config, RuntimeConfig
-from .data.stream import read_shards, sample_dataset_path, take_validation
+from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .families import build_tiny
 from .learner import LearnerInputs, train_loop_per_worker
 from .preflight import check_resources, preflight
@@ -70,7 +70,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
 
     # 1. data (in a fixed order, so runs with the same seeds see the same batches)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset, data_stats = read_shards(cfg.data.path or sample_dataset_path(), cfg)
+    dataset, data_stats = read_shards(cfg.data.path or bundled_dataset_path(), cfg)
     if cfg.data.repeats > 1:  # a handful of DreamBooth images: read once, fewer, longer epochs
         dataset = dataset.materialize()
         dataset = dataset.union(*[dataset] * (cfg.data.repeats - 1))

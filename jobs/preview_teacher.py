@@ -34,9 +34,9 @@ def main(argv=None) -> int:
     if args.num < 1:
         parser.error(f"--num must be at least 1, got {args.num}")
 
-    from dopsd_ray.data.stream import StreamSpec, read_shards, sample_dataset_path, take_validation
+    from dopsd_ray.data.stream import StreamSpec, read_shards, bundled_dataset_path, take_validation
 
-    data_path = cfg.data.path or sample_dataset_path()
+    data_path = cfg.data.path or bundled_dataset_path()
     missing = [p for p in ([data_path] if isinstance(data_path, str) else data_path)
                if "://" not in p and not Path(p).exists()]
     if missing:  # before loading anything heavy

@@ -24,11 +24,11 @@ import ray
 import torch
 from PIL import Image
 
-from dopsd_ray.data.sample import write_sample
+from dopsd_ray.data.bundled import write_bundled
 from dopsd_ray.data.shards import SCHEMA, open_image, prepare_shards
 from dopsd_ray.data.stream import (
     StreamSpec, choose_bucket, decode_batch, decode_row, iter_batches, make_buckets, read_shards,
-    sample_dataset_path, take_validation,
+    bundled_dataset_path, take_validation,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,9 +240,9 @@ def test_iter_batches_groups_buckets_and_repeats():
         next(iter_batches([], 2))
 
 
-def test_sample_dataset_is_bundled_and_deterministic(tmp_path):
-    write_sample(tmp_path)
-    bundled = Path(sample_dataset_path())
+def test_bundled_dataset_is_deterministic(tmp_path):
+    write_bundled(tmp_path)
+    bundled = Path(bundled_dataset_path())
     made = sorted(p.name for p in tmp_path.iterdir())
     assert made == sorted(p.name for p in bundled.iterdir()) and 32 <= len(made) <= 48
     assert all((tmp_path / n).read_bytes() == (bundled / n).read_bytes() for n in made)
@@ -342,7 +342,7 @@ def test_webdataset_tars_and_image_folders(ray_local, tmp_path):
     assert stats.as_dict()["dropped"] == {"missing_caption": 1}
 
     # the bundled sample folder is read directly (the embedded default) and gives validation images
-    dataset, stats = read_shards(sample_dataset_path(), StreamSpec(pixel_budget=BUDGET))
+    dataset, stats = read_shards(bundled_dataset_path(), StreamSpec(pixel_budget=BUDGET))
     captions, images = take_validation(dataset, count=4)
     assert len(captions) == 4 and images.shape == (4, 3, 64, 64)
 

@@ -326,9 +326,9 @@ def read_shards(uri: str | list[str], spec=None) -> tuple[ray.data.Dataset, Stre
     return dataset, StreamStats(counter)
 
 
-def sample_dataset_path() -> str:
-    """The bundled sample folder (data/sample, made by python -m dopsd_ray.data.sample)."""
-    return str(REPO / "data" / "sample")
+def bundled_dataset_path() -> str:
+    """The bundled sample folder (data/bundled, made by python -m dopsd_ray.data.bundled)."""
+    return str(REPO / "data" / "bundled")
 
 
 # -- batching (plain Python, in the consumer) -------------------------------------------

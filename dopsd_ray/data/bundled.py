@@ -1,6 +1,6 @@
-"""The bundled sample dataset: small procedurally drawn shapes with captions.
+"""The bundled dataset (what runs train on when data.path is unset): small procedurally drawn shapes with captions.
 
-    python -m dopsd_ray.data.sample data/sample
+    python -m dopsd_ray.data.bundled data/bundled
 
 Writes 24 PNGs (20 square 64x64, 4 landscape 96x64, so more than one aspect-ratio
 bucket is exercised) and a same-name .txt with two captions each, e.g.
@@ -35,7 +35,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def sample_items() -> list[dict]:
+def bundled_items() -> list[dict]:
     """24 (shape, colour, background, size) combinations in a fixed order.
 
     4 shapes x 5 colours cycle together (coprime lengths: the first 20 are all distinct pairs).
@@ -69,11 +69,11 @@ def captions(item: dict) -> list[str]:
             f"{item['colour']} {item['shape']}, {item['background']} backdrop, simple flat illustration"]
 
 
-def write_sample(out_dir: str | Path) -> list[Path]:
+def write_bundled(out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for item in sample_items():
+    for item in bundled_items():
         path = out_dir / f"{item['name']}.png"
         render(item).save(path, optimize=True)
         path.with_suffix(".txt").write_text("\n".join(captions(item)) + "\n")
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="folder to write the PNGs and .txt captions into")
     args = parser.parse_args(argv)
-    written = write_sample(args.out_dir)
+    written = write_bundled(args.out_dir)
     print(f"wrote {len(written)} images + captions to {args.out_dir}")
     return 0
 
