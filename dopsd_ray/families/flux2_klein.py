@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from ..algorithms.schedules import static_shift
 from .base import check_image_batch, freeze, module_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import VLMEncoder, build_tiny_vlm, select_hidden_states
@@ -418,8 +419,7 @@ class Flux2KleinFamily:
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if self.scheduler.config.use_dynamic_shifting:
             return self.scheduler.time_shift(self._mu(num_steps, height, width), 1.0, sigmas).float()
-        shift = self.scheduler.config.shift
-        return shift * sigmas / (1 + (shift - 1) * sigmas)
+        return static_shift(sigmas, self.scheduler.config.shift)
 
     # -- previews and export -------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
+from ..algorithms.schedules import static_shift
 from ..config import TOY_BASE_DIR
 from ..toy import world
 from .base import check_image_batch, freeze, module_dtype
@@ -214,8 +215,7 @@ class ToyFamily:
         return self.shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1), height, width)
 
     def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
-        return SHIFT * sigmas / (1 + (SHIFT - 1) * sigmas)
+        return static_shift(sigmas, SHIFT)
 
     # -- previews and export -------------------------------------------------------------
 

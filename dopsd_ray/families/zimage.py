@@ -29,6 +29,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
+from ..algorithms.schedules import static_shift
 from .base import check_image_batch, freeze, module_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import DEFAULT_VLM, VLMEncoder, build_tiny_vlm, strip_padding
@@ -241,8 +242,7 @@ class ZImageFamily:
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if self.scheduler.config.use_dynamic_shifting:
             return self.scheduler.time_shift(self._mu(height, width), 1.0, sigmas).float()
-        shift = self.scheduler.shift
-        return shift * sigmas / (1 + (shift - 1) * sigmas)
+        return static_shift(sigmas, self.scheduler.shift)
 
     # -- previews and export -------------------------------------------------------------
 
