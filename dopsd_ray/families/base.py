@@ -60,8 +60,9 @@ class Family(Protocol):
         """Apply the family's timestep shift (static or resolution-dependent) to uniform sigmas."""
 
     # -- previews and export -----------------------------------------------------
-    def pipeline(self, transformer: nn.Module | None = None):
-        """The stock diffusers pipeline built from this family's components."""
+    def pipeline(self):
+        """The stock diffusers pipeline built from this family's components (the toy's has
+        only the LoRA file format; Z-Image's and klein's also take another transformer)."""
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise ValueError naming the problem if images are not usable by this family."""
