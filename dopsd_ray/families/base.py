@@ -68,6 +68,11 @@ class Family(Protocol):
         """Raise ValueError naming the problem if images are not usable by this family."""
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's model.dtype ("float32" or "bfloat16")."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def module_dtype(model: nn.Module) -> torch.dtype:
     dtype = getattr(model, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype

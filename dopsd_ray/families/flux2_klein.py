@@ -48,13 +48,15 @@ from torch.nn import functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from ..algorithms.schedules import static_shift
-from .base import check_image_batch, freeze, module_dtype
+from .base import check_image_batch, freeze, module_dtype, torch_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import VLMEncoder, build_tiny_vlm, select_hidden_states
 
 PIPELINE_CLASS = Flux2KleinPipeline
-# How users run the stock pipeline (jobs/sample.py): klein's native 4 steps, guidance 1.0 (distilled).
-STOCK_SAMPLING = {"guidance_scale": 1.0, "num_inference_steps": 4}
+TEACHER_CONTEXTS = ("reference", "vlm")  # the released klein recipe's first (module docstring)
+INFERENCE_STEPS = 4  # klein's native few-step setting
+# How users run the stock pipeline (jobs/sample.py): 4 steps, guidance 1.0 (distilled).
+STOCK_SAMPLING = {"guidance_scale": 1.0, "num_inference_steps": INFERENCE_STEPS}
 # Every attention and feed-forward projection of the double-stream blocks
 # (transformer_blocks.N) and the single-stream blocks (single_transformer_blocks.N).
 # peft matches list entries as name suffixes, without globs. The single blocks' output
@@ -176,8 +178,8 @@ class Flux2KleinFamily:
         vlm_min_pixels: int = 512 * 512,
         vlm_max_pixels: int = 768 * 768,
     ):
-        if teacher_context not in ("reference", "vlm"):
-            raise ValueError(f"teacher_context must be 'reference' or 'vlm', got {teacher_context!r}")
+        if teacher_context not in TEACHER_CONTEXTS:
+            raise ValueError(f"teacher_context must be one of {', '.join(TEACHER_CONTEXTS)}, got {teacher_context!r}")
         if teacher_context == "vlm" and teacher_vlm_path is None:
             raise ValueError("teacher_context='vlm' needs teacher_vlm_path (a Qwen3-VL checkpoint)")
         n_layers = text_encoder.config.num_hidden_layers
@@ -459,7 +461,24 @@ class Flux2KleinFamily:
         check_image_batch(images, self.pixel_multiple, "FLUX.2")
 
 
+def from_config(model_cfg, path: str | Path, device: str | torch.device = "cpu",
+                transformer_device: str | torch.device | None = None) -> Flux2KleinFamily:
+    """The family with a ModelConfig's settings (families.load_family)."""
+    return Flux2KleinFamily.from_pretrained(
+        path, dtype=torch_dtype(model_cfg.dtype), device=device, transformer_device=transformer_device,
+        teacher_context=model_cfg.teacher_context, teacher_vlm_path=model_cfg.teacher_vlm_path,
+        max_sequence_length=model_cfg.max_sequence_length,
+        teacher_max_sequence_length=model_cfg.teacher_max_sequence_length,
+        vlm_min_pixels=model_cfg.vlm_min_pixels, vlm_max_pixels=model_cfg.vlm_max_pixels,
+    )
+
+
 # -- tiny builder ----------------------------------------------------------------------
+
+
+def build_tiny(path: str | Path, seed: int, model_cfg) -> Path:
+    """families.build_tiny's entry: model.variant picks the tiny variant's block counts."""
+    return build_tiny_flux2_klein(path, seed=seed, variant=model_cfg.variant or "4b")
 
 
 def build_tiny_flux2_klein(path: str | Path, seed: int = 0, variant: str = "4b") -> Path:

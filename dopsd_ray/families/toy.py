@@ -36,10 +36,11 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerF
 
 from ..algorithms.schedules import static_shift
 from ..config import TOY_BASE_DIR
-from .base import check_image_batch, freeze, module_dtype
+from .base import check_image_batch, freeze, module_dtype, torch_dtype
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
-HIDDEN = 64  # text and image token width = the UNet's cross_attention_dim
+TEACHER_CONTEXTS = ("image_tokens",)  # caption tokens + image tokens of the target
 INFERENCE_STEPS = 4
+HIDDEN = 64  # text and image token width = the UNet's cross_attention_dim
 SHIFT = 3.0  # static timestep shift of the schedule (module docstring)
 
 
@@ -226,6 +227,19 @@ class ToyFamily:
 
     def check_images(self, images: torch.Tensor) -> None:
         check_image_batch(images, self.pixel_multiple, "the toy UNet")
+
+
+def from_config(model_cfg, path: str | Path, device: str | torch.device = "cpu",
+                transformer_device: str | torch.device | None = None) -> ToyFamily:
+    """The family with a ModelConfig's settings (families.load_family)."""
+    return ToyFamily.from_pretrained(path, dtype=torch_dtype(model_cfg.dtype), device=device,
+                                     transformer_device=transformer_device,
+                                     max_sequence_length=model_cfg.max_sequence_length)
+
+
+def build_tiny(path: str | Path, seed: int, model_cfg) -> Path:
+    """families.build_tiny's entry: nothing in the config changes the toy's tiny build."""
+    return build_tiny_toy(path, seed=seed)
 
 
 def build_tiny_toy(path: str | Path, seed: int = 0, block_out_channels=(16, 16, 16), like: str | Path = TOY_BASE_DIR

@@ -30,13 +30,15 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
 from ..algorithms.schedules import static_shift
-from .base import check_image_batch, freeze, module_dtype
+from .base import check_image_batch, freeze, module_dtype, torch_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import DEFAULT_VLM, VLMEncoder, build_tiny_vlm, strip_padding
 
 PIPELINE_CLASS = ZImagePipeline
-# How users run the stock pipeline (jobs/sample.py): Turbo's 8 NFE, no CFG (guidance-distilled).
-STOCK_SAMPLING = {"guidance_scale": 0.0, "num_inference_steps": 8}
+TEACHER_CONTEXTS = ("vlm",)
+INFERENCE_STEPS = 8  # Turbo's 8 NFE
+# How users run the stock pipeline (jobs/sample.py): 8 steps, no CFG (guidance-distilled).
+STOCK_SAMPLING = {"guidance_scale": 0.0, "num_inference_steps": INFERENCE_STEPS}
 # Per block of noise_refiner.N, context_refiner.N and layers.N.
 LORA_TARGETS = [
     "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
@@ -258,7 +260,23 @@ class ZImageFamily:
         check_image_batch(images, self.pixel_multiple, "Z-Image")
 
 
+def from_config(model_cfg, path: str | Path, device: str | torch.device = "cpu",
+                transformer_device: str | torch.device | None = None) -> ZImageFamily:
+    """The family with a ModelConfig's settings (families.load_family)."""
+    return ZImageFamily.from_pretrained(
+        path, dtype=torch_dtype(model_cfg.dtype), device=device, transformer_device=transformer_device,
+        teacher_vlm_path=model_cfg.teacher_vlm_path, max_sequence_length=model_cfg.max_sequence_length,
+        teacher_max_sequence_length=model_cfg.teacher_max_sequence_length,
+        vlm_min_pixels=model_cfg.vlm_min_pixels, vlm_max_pixels=model_cfg.vlm_max_pixels,
+    )
+
+
 # -- tiny builder ----------------------------------------------------------------------
+
+
+def build_tiny(path: str | Path, seed: int, model_cfg) -> Path:
+    """families.build_tiny's entry: nothing in the config changes Z-Image's tiny build."""
+    return build_tiny_zimage(path, seed=seed)
 
 
 def build_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
