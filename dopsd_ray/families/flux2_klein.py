@@ -210,20 +210,16 @@ class Flux2KleinFamily:
         cls,
         path: str | Path,
         *,
-        teacher_context: str = "reference",
-        teacher_vlm_path: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         transformer_device: str | torch.device | None = None,
-        max_sequence_length: int = 512,
-        text_encoder_out_layers: Sequence[int] = DEFAULT_OUT_LAYERS,
-        reference_instruction: str = DEFAULT_INSTRUCTION,
-        teacher_max_sequence_length: int = 1024,
-        vlm_min_pixels: int = 512 * 512,
-        vlm_max_pixels: int = 768 * 768,
+        teacher_vlm_path: str | Path | None = None,
+        **settings,
     ) -> "Flux2KleinFamily":
         """Load a Flux2KleinPipeline directory or hub id; text encoder and VAE are frozen.
 
+        settings: __init__'s keyword settings (teacher_context, max_sequence_length, ...),
+        passed on as they are, so their defaults live in one place.
         teacher_vlm_path (only used with teacher_context="vlm", loaded on first use)
         defaults to `path/teacher_vlm` when that exists (tiny builds), otherwise to the
         Qwen3-VL sibling of the variant whose joint_attention_dim matches (VARIANTS).
@@ -243,11 +239,7 @@ class Flux2KleinFamily:
         return cls(
             transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
             scheduler=pipe.scheduler, is_distilled=bool(pipe.config.get("is_distilled", True)),
-            teacher_context=teacher_context,
-            teacher_vlm_path=None if teacher_vlm_path is None else str(teacher_vlm_path),
-            max_sequence_length=max_sequence_length, text_encoder_out_layers=text_encoder_out_layers,
-            reference_instruction=reference_instruction, teacher_max_sequence_length=teacher_max_sequence_length,
-            vlm_min_pixels=vlm_min_pixels, vlm_max_pixels=vlm_max_pixels,
+            teacher_vlm_path=None if teacher_vlm_path is None else str(teacher_vlm_path), **settings,
         )
 
     @property

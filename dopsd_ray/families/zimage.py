@@ -98,17 +98,16 @@ class ZImageFamily:
         cls,
         path: str | Path,
         *,
-        teacher_vlm_path: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         transformer_device: str | torch.device | None = None,
-        max_sequence_length: int = 512,
-        teacher_max_sequence_length: int = 1024,
-        vlm_min_pixels: int = 512 * 512,
-        vlm_max_pixels: int = 768 * 768,
+        teacher_vlm_path: str | Path | None = None,
+        **settings,
     ) -> "ZImageFamily":
         """Load a ZImagePipeline directory or hub id. The teacher VLM loads on first use.
 
+        settings: __init__'s keyword settings (max_sequence_length, ...), passed on as they
+        are, so their defaults live in one place.
         teacher_vlm_path defaults to `path/teacher_vlm` when that exists (tiny builds),
         otherwise to Qwen/Qwen3-VL-4B-Instruct. transformer_device (default: device) is "cpu"
         on DeepSpeed learners, which place the transformer themselves.
@@ -120,9 +119,7 @@ class ZImageFamily:
             teacher_vlm_path = str(local) if local.is_dir() else DEFAULT_VLM
         return cls(
             transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, teacher_vlm_path=str(teacher_vlm_path),
-            max_sequence_length=max_sequence_length, teacher_max_sequence_length=teacher_max_sequence_length,
-            vlm_min_pixels=vlm_min_pixels, vlm_max_pixels=vlm_max_pixels,
+            tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, teacher_vlm_path=str(teacher_vlm_path), **settings,
         )
 
     @property
