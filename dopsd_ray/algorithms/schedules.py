@@ -30,9 +30,10 @@ def training_sigmas(preset, family, height: int, width: int, inference_steps: in
 
 
 def sample_sft_sigmas(
-    family, batch_size: int, height: int, width: int, generator: torch.Generator | None = None,
+    family, batch_size: int, height: int, width: int, num_steps: int, generator: torch.Generator | None = None,
     logit_mean: float = 0.0, logit_std: float = 1.0,
 ) -> torch.Tensor:
-    """Per-sample sigma ~ logit-normal(mean, std), then the family's timestep shift."""
+    """Per-sample sigma ~ logit-normal(mean, std), then the family's timestep shift as its
+    sampler applies it for num_steps steps at this resolution (the run's inference steps)."""
     u = torch.randn(batch_size, generator=generator) * logit_std + logit_mean
-    return family.shift_sigmas(torch.sigmoid(u), height, width).float()
+    return family.shift_sigmas(torch.sigmoid(u), height, width, num_steps).float()

@@ -56,8 +56,10 @@ class Family(Protocol):
     def inference_sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         """The stock pipeline's few-step sigmas, float32, length num_steps + 1, ending at 0."""
 
-    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Apply the family's timestep shift (static or resolution-dependent) to uniform sigmas."""
+    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int, num_steps: int) -> torch.Tensor:
+        """Apply the family's timestep shift (static or resolution-dependent) to uniform sigmas,
+        the shift its stock sampler uses at this resolution for num_steps steps (only
+        FLUX.2-klein's depends on the number of steps)."""
 
     # -- previews and export -----------------------------------------------------
     def pipeline(self):

@@ -403,12 +403,14 @@ class Flux2KleinFamily:
         scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=self._mu(num_steps, height, width))
         return scheduler.sigmas.float().cpu()
 
-    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int, num_steps: int = 4) -> torch.Tensor:
-        """The scheduler's shift applied to uniform sigmas.
+    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int, num_steps: int) -> torch.Tensor:
+        """The scheduler's shift applied to uniform sigmas, as the pipeline shifts them for num_steps.
 
-        Dynamic shifting (klein) uses the pipeline's mu for this resolution and num_steps
-        (default 4, klein's deployed setting), so shift_sigmas(linspace(1, 1/4, 4)) equals
-        inference_sigmas(4)[:-1]; a static scheduler uses its `shift`.
+        Dynamic shifting (klein) uses the pipeline's mu, compute_empirical_mu(image tokens,
+        num_steps): up to 4300 image tokens (1024 x 1024 is 4096) it depends on the number of
+        steps, so shift_sigmas(linspace(1, 1/N, N), h, w, N) equals inference_sigmas(N, h, w)[:-1]
+        for every N, and SFT's sampled sigmas take the run's algorithm.inference_steps, the
+        sampler it will be deployed with. A static scheduler uses its `shift`.
         """
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if self.scheduler.config.use_dynamic_shifting:

@@ -215,9 +215,10 @@ class ToyFamily:
     # -- schedules -----------------------------------------------------------------------
 
     def inference_sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
-        return self.shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1), height, width)
+        return self.shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1), height, width, num_steps)
 
-    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int, num_steps: int) -> torch.Tensor:
+        """The static shift: the same for every resolution and number of steps."""
         return static_shift(sigmas, SHIFT)
 
     # -- previews and export -------------------------------------------------------------

@@ -232,8 +232,9 @@ class ZImageFamily:
         scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(num_steps), mu=self._mu(height, width))
         return scheduler.sigmas.float().cpu()
 
-    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The scheduler's own shift (static `shift`, or time_shift with mu when dynamic).
+    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int, num_steps: int) -> torch.Tensor:
+        """The scheduler's own shift (static `shift`, or time_shift with mu when dynamic);
+        neither depends on num_steps.
 
         Only the shift: shift_terminal / karras-style conversions, which Z-Image does not
         configure, act on whole schedules and are not applied to sampled sigmas.
