@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-FAMILIES = ("zimage", "flux2_klein", "toy")
-# The teacher contexts each family can build (method.md, "Teacher contexts"); the toy's
-# teacher sees caption tokens + image tokens of the target (families/toy.py).
-TEACHER_CONTEXTS = {"zimage": ("vlm",), "flux2_klein": ("reference", "vlm"), "toy": ("image_tokens",)}
-DEFAULT_TEACHER_CONTEXT = {"zimage": "vlm", "flux2_klein": "reference", "toy": "image_tokens"}
-# Deployed few-step setting of each family (Z-Image-Turbo 8 NFE, klein 4 steps, the toy's 4).
-DEFAULT_INFERENCE_STEPS = {"zimage": 8, "flux2_klein": 4, "toy": 4}
+# The facts of each model family (its teacher contexts, its few-step setting) live in its
+# file under dopsd_ray/families/, found by name through dopsd_ray.families.family_module.
+# The validators import that lazily: a family's file pulls in torch and diffusers, and a
+# bad name fails before any of that is imported.
+
 # The committed toy base and its concept images (README, "The miniature"): model.path and
 # data.path when a family=toy config sets none.
 TOY_BASE_DIR = Path(__file__).resolve().parents[1] / "models" / "toy"
@@ -34,13 +32,13 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    family: Literal["zimage", "flux2_klein", "toy"] = "zimage"
+    family: str = "zimage"  # a name in dopsd_ray/families/__init__.py: zimage, flux2_klein or toy
     # Hub id or local directory of a diffusers pipeline. With tiny=True a random
     # tiny pipeline is built under the run's output dir and loaded from there.
     path: str | None = None
     tiny: bool = False
     variant: Literal["4b", "9b"] | None = None  # flux2_klein only
-    teacher_context: Literal["vlm", "reference", "image_tokens"] | None = None  # None: the family's default
+    teacher_context: str | None = None  # one of the family's TEACHER_CONTEXTS; None: its default (the first)
     teacher_vlm_path: str | None = None  # Qwen3-VL checkpoint for the VLM teacher context
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_sequence_length: int = Field(512, ge=8)
@@ -49,17 +47,28 @@ class ModelConfig(Section):
     vlm_max_pixels: int = Field(768 * 768, ge=16)
     gradient_checkpointing: bool = False
 
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, name: str) -> str:
+        from .families import FAMILIES
+
+        if name not in FAMILIES:
+            raise ValueError(f"unknown model family; known: {', '.join(FAMILIES)}")
+        return name
+
     @model_validator(mode="after")
     def _check(self):
+        from .families import family_module
+
         if self.path is None and not self.tiny and self.family == "toy":
             self.path = str(TOY_BASE_DIR)
         if self.path is None and not self.tiny:
             raise ValueError("set model.path (a hub id or a local pipeline directory) or model.tiny=true")
         if self.path is not None and self.tiny:
             raise ValueError("set either model.path or model.tiny=true, not both")
+        allowed = family_module(self.family).TEACHER_CONTEXTS
         if self.teacher_context is None:
-            self.teacher_context = DEFAULT_TEACHER_CONTEXT[self.family]
-        allowed = TEACHER_CONTEXTS[self.family]
+            self.teacher_context = allowed[0]
         if self.teacher_context not in allowed:
             raise ValueError(
                 f"model.teacher_context={self.teacher_context!r} is not supported by family "
@@ -87,7 +96,7 @@ class AlgorithmConfig(Section):
     # recipe_4step: Z-Image recipe [1, .9, .75, .5, 0]; inference: the family's few-step
     # inference schedule (FLUX.2-klein's native 4-step one); or an explicit list.
     training_sigmas: Literal["recipe_4step", "inference"] | list[float] = "recipe_4step"
-    inference_steps: int | None = Field(None, ge=1)  # None: family default (8 / 4)
+    inference_steps: int | None = Field(None, ge=1)  # None: the family's INFERENCE_STEPS
     # None trains on all K visited states (the recipe); m < K trains on a random subset.
     states_per_rollout: int | None = Field(None, ge=1)
     ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
@@ -200,8 +209,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        from .families import family_module
+
         if self.algorithm.inference_steps is None:
-            self.algorithm.inference_steps = DEFAULT_INFERENCE_STEPS[self.model.family]
+            self.algorithm.inference_steps = family_module(self.model.family).INFERENCE_STEPS
         if self.model.family == "toy" and self.data.path is None:
             self.data.path = str(TOY_CONCEPT_DIR)
         if self.algorithm.name == "sft" and self.runtime.teacher_targets == "rollout":

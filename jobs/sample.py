@@ -24,16 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, e.g. under `ray job submit`
 
-FAMILIES = ("zimage", "flux2_klein")
+FAMILIES = ("zimage", "flux2_klein")  # the families with a stock diffusers pipeline (the toy has none)
 
 
 def stock_sampling(family: str) -> dict:
     """The family's deployed sampling defaults (guidance_scale, num_inference_steps)."""
-    if family == "zimage":
-        from dopsd_ray.families.zimage import STOCK_SAMPLING
-    else:
-        from dopsd_ray.families.flux2_klein import STOCK_SAMPLING
-    return dict(STOCK_SAMPLING)
+    from dopsd_ray.families import family_module
+
+    return dict(family_module(family).STOCK_SAMPLING)
 
 
 def check_args(args) -> str | None:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -55,6 +56,37 @@ def test_bad_values_name_the_field(override, field, hint):
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs" / "tiny.yaml", override)
     assert f"{field}:" in str(err.value) and hint in str(err.value)
+
+
+def test_a_family_is_picked_in_one_place(tmp_path):
+    """Every name in families.FAMILIES has the same surface, and config reads the family's
+    facts from it; any other name is a ValueError naming the known ones, never a fallback."""
+    from dopsd_ray.families import FAMILIES, build_tiny, family_module, load_family, lora_targets, pipeline_class
+
+    for name in FAMILIES:
+        module = family_module(name)
+        assert isinstance(module.TEACHER_CONTEXTS, tuple) and isinstance(module.INFERENCE_STEPS, int)
+        assert lora_targets(name) == list(module.LORA_TARGETS) and pipeline_class(name) is module.PIPELINE_CLASS
+        assert callable(module.build_tiny) and callable(module.from_config)
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.family={name}"])
+        assert cfg.model.teacher_context == module.TEACHER_CONTEXTS[0]
+        assert cfg.algorithm.inference_steps == module.INFERENCE_STEPS
+    nope = SimpleNamespace(family="nope", path=str(tmp_path))
+    for call in (lambda: lora_targets("nope"), lambda: pipeline_class("nope"), lambda: load_family(nope),
+                 lambda: build_tiny(nope, tmp_path)):
+        with pytest.raises(ValueError, match="unknown model family 'nope'; known: zimage, flux2_klein, toy"):
+            call()
+
+
+def test_an_unknown_family_fails_before_torch_is_imported():
+    """Config validation imports a family's module (torch, diffusers) only for a known name."""
+    code = ("import sys\nfrom dopsd_ray.config import ConfigError, load_config\n"
+            "try:\n    load_config(None, ['model.family=nope'])\nexcept ConfigError as err:\n    print(err)\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert "model.family: unknown model family; known: zimage, flux2_klein, toy (got 'nope')" in done.stdout, done.stderr
+    assert "torch imported: False" in done.stdout
 
 
 def test_missing_file_and_bad_override_syntax(tmp_path):

@@ -6,11 +6,13 @@ import pickle
 
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from peft import LoraConfig
 from PIL import Image
 
 from dopsd_ray.algorithms.sampling import euler_sample
+from dopsd_ray.algorithms.schedules import sample_sft_sigmas
 from dopsd_ray.families.flux2_klein import (
     DEFAULT_INSTRUCTION, LORA_TARGETS, VARIANTS, Flux2Context, Flux2KleinFamily, build_tiny_flux2_klein, unpatchify,
 )
@@ -141,8 +143,25 @@ def test_schedules(family):
     assert torch.all(family.inference_sigmas(4, 1024, 1024)[1:-1] > family.inference_sigmas(4, 256, 256)[1:-1])
     uniform = torch.linspace(1, 1 / 4, 4)
     for h, w in ((H, W), (512, 768)):
-        assert torch.allclose(family.shift_sigmas(uniform, h, w), family.inference_sigmas(4, h, w)[:-1], atol=1e-6)
-    assert torch.all(family.shift_sigmas(torch.tensor([0.5]), H, W) > 0.5)
+        assert torch.allclose(family.shift_sigmas(uniform, h, w, 4), family.inference_sigmas(4, h, w)[:-1], atol=1e-6)
+    assert torch.all(family.shift_sigmas(torch.tensor([0.5]), H, W, 4) > 0.5)
+
+
+@pytest.mark.parametrize("side", [32, 1024, 1152])
+def test_sft_sigmas_take_the_stock_schedulers_shift_for_the_runs_step_count(family, side):
+    """klein's mu, compute_empirical_mu(image tokens, steps), depends on the number of steps
+    up to 4300 image tokens (1024 x 1024 has 4096), not above (1152 x 1152 has 5184): SFT's
+    sampled sigmas are the stock scheduler's shift of the logit-normal draws for the step
+    count given, algorithm.inference_steps."""
+    drawn = {}
+    for steps in (4, 8):
+        got = sample_sft_sigmas(family, 64, side, side, steps, torch.Generator().manual_seed(0))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(family.scheduler.config)
+        u = torch.sigmoid(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+        scheduler.set_timesteps(sigmas=u.numpy(), mu=compute_empirical_mu((side // 16) ** 2, steps))
+        torch.testing.assert_close(got, scheduler.sigmas[:-1].float())
+        drawn[steps] = got
+    assert torch.equal(drawn[4], drawn[8]) == ((side // 16) ** 2 > 4300)
 
 
 def test_pipeline_is_stock_over_the_family_components(family):

@@ -62,12 +62,13 @@ def test_inference_sigmas_are_the_turbo_schedule(family):
 
 def test_shift_sigmas_reproduce_the_scheduler(family):
     uniform = torch.linspace(1.0, 1 / 8, 8)
-    assert torch.allclose(family.shift_sigmas(uniform, H, W), family.inference_sigmas(8, H, W)[:-1], atol=1e-6)
+    assert torch.allclose(family.shift_sigmas(uniform, H, W, 8), family.inference_sigmas(8, H, W)[:-1], atol=1e-6)
     # a dynamically shifting scheduler: mu from the resolution, as ZImagePipeline computes it
     dynamic = copy.copy(family)
     dynamic.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=1.0)
     for h, w in [(256, 256), (1024, 1024)]:
-        assert torch.allclose(dynamic.shift_sigmas(uniform, h, w), dynamic.inference_sigmas(8, h, w)[:-1], atol=1e-6)
+        assert torch.allclose(dynamic.shift_sigmas(uniform, h, w, 8), dynamic.inference_sigmas(8, h, w)[:-1],
+                              atol=1e-6)
     assert not torch.allclose(dynamic.inference_sigmas(8, 256, 256), dynamic.inference_sigmas(8, 1024, 1024))
 
 

@@ -50,3 +50,27 @@ def test_torch_distributed_collectives_are_called_in_ranks_py_only(path):
             owner = ast.unparse(node.func.value)
             assert owner not in aliases, (f"{path.name}:{node.lineno} calls {owner}.{node.func.attr}: "
                                           "learner collectives go through dopsd_ray/ranks.py")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, as absolute dotted names (relative imports resolved;
+    `from a import b` counts as both a and a.b, since b may be a module)."""
+    package = ".".join(path.relative_to(PKG.parent).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            names |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "families").glob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
+def test_families_do_not_import_the_toy_world(path):
+    """dopsd_ray/toy/ builds its base on families/toy.py; the way back would be an import cycle."""
+    toy = {m for m in imported_modules(path) if m == "dopsd_ray.toy" or m.startswith("dopsd_ray.toy.")}
+    assert not toy, f"{path.name} imports {sorted(toy)}: pass what it needs from the toy world in as arguments"

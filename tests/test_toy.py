@@ -55,7 +55,7 @@ def test_speckle_is_half_shaded_and_the_schedule_is_the_recipes(tiny):
     cells = shaded.unflatten(0, (1, 2)).unflatten(2, (16, 2))  # every 2x2 cell is one or the other
     assert (cells.amin((1, 3)) == cells.amax((1, 3))).all()
     torch.testing.assert_close(tiny.inference_sigmas(4, 32, 32), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
-    torch.testing.assert_close(tiny.shift_sigmas(torch.tensor([0.25, 0.5]), 32, 32), torch.tensor([0.5, 0.75]))
+    torch.testing.assert_close(tiny.shift_sigmas(torch.tensor([0.25, 0.5]), 32, 32, 4), torch.tensor([0.5, 0.75]))
 
 
 def test_latents_round_trip_and_sizes(tiny):

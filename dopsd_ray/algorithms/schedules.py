@@ -6,6 +6,16 @@ import torch
 RECIPE_4STEP = (1.0, 0.9, 0.75, 0.5, 0.0)
 
 
+def static_shift(sigmas, shift: float) -> torch.Tensor:
+    """The flow-matching timestep shift sigma' = shift * sigma / (1 + (shift - 1) * sigma), float32.
+
+    What diffusers' FlowMatchEulerDiscreteScheduler applies with a static `shift` (SD3's
+    resolution shift): for shift > 1 it moves every sigma towards 1, more steps at high noise.
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
 def training_sigmas(preset, family, height: int, width: int, inference_steps: int) -> torch.Tensor:
     """The K + 1 sigmas s_0 = 1 > ... > s_K = 0 a D-OPSD roll-out visits.
 
@@ -20,9 +30,10 @@ def training_sigmas(preset, family, height: int, width: int, inference_steps: in
 
 
 def sample_sft_sigmas(
-    family, batch_size: int, height: int, width: int, generator: torch.Generator | None = None,
+    family, batch_size: int, height: int, width: int, num_steps: int, generator: torch.Generator | None = None,
     logit_mean: float = 0.0, logit_std: float = 1.0,
 ) -> torch.Tensor:
-    """Per-sample sigma ~ logit-normal(mean, std), then the family's timestep shift."""
+    """Per-sample sigma ~ logit-normal(mean, std), then the family's timestep shift as its
+    sampler applies it for num_steps steps at this resolution (the run's inference steps)."""
     u = torch.randn(batch_size, generator=generator) * logit_std + logit_mean
-    return family.shift_sigmas(torch.sigmoid(u), height, width).float()
+    return family.shift_sigmas(torch.sigmoid(u), height, width, num_steps).float()

@@ -139,7 +139,8 @@ def _sft_inputs(family, images, gen, algo):
     _, _, height, width = images.shape
     x0 = family.encode_images(images)
     noise = torch.randn(x0.shape, generator=gen).to(family.device)
-    sigmas = sample_sft_sigmas(family, x0.shape[0], height, width, gen, algo.sft_logit_mean, algo.sft_logit_std)
+    sigmas = sample_sft_sigmas(family, x0.shape[0], height, width, algo.inference_steps, gen,
+                               algo.sft_logit_mean, algo.sft_logit_std)
     return x0, noise, sigmas
 
 

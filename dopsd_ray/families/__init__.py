@@ -1,85 +1,53 @@
-"""Model families. Each lives in its own file with its tiny builder; this picks one."""
+"""Model families: one file each, and FAMILIES, the one place that picks a family by name.
 
+Every family module has the same surface:
+
+    LORA_TARGETS      the released recipe's LoRA target modules (peft name suffixes)
+    PIPELINE_CLASS    the class whose save_lora_weights writes the LoRA export
+    TEACHER_CONTEXTS  the teacher contexts it can build, its default first
+    INFERENCE_STEPS   its deployed few-step setting
+    build_tiny(path, seed, model_cfg)                          a tiny random pipeline saved under path
+    from_config(model_cfg, path, device, transformer_device)   the family loaded from path
+
+so adding a family is its file plus one line in FAMILIES. This package stays light (no
+torch): config.py validates names through it, and a family's module (torch, diffusers) is
+imported only when that family is asked for.
+"""
+
+import importlib
 from pathlib import Path
+from types import ModuleType
 
-import torch
-
-from ..config import ModelConfig
+FAMILIES = {"zimage": ".zimage", "flux2_klein": ".flux2_klein", "toy": ".toy"}  # name -> module
 
 
-def load_family(model: ModelConfig, path: str | Path | None = None, device: str = "cpu",
-                transformer_device: str | None = None):
-    """Load the configured family from `path` (default model.path) with from_pretrained.
+def family_module(name: str) -> ModuleType:
+    """The module of the family called `name`; ValueError naming the known ones for any other name."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    return importlib.import_module(FAMILIES[name], __name__)
+
+
+def load_family(model, path: str | Path | None = None, device: str = "cpu", transformer_device: str | None = None):
+    """Load the configured family (a ModelConfig) from `path` (default model.path).
 
     Encoders and VAE go to `device`; the transformer to `transformer_device` (default
     `device`). A DeepSpeed learner keeps it on the CPU: ZeRO-3 moves it to the GPU one
     parameter at a time as it partitions, so no rank ever holds the whole model there."""
-    path = str(path or model.path)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model.dtype]
-    if model.family == "zimage":
-        from .zimage import ZImageFamily
-
-        return ZImageFamily.from_pretrained(
-            path, teacher_vlm_path=model.teacher_vlm_path, dtype=dtype, device=device,
-            transformer_device=transformer_device,
-            max_sequence_length=model.max_sequence_length,
-            teacher_max_sequence_length=model.teacher_max_sequence_length,
-            vlm_min_pixels=model.vlm_min_pixels, vlm_max_pixels=model.vlm_max_pixels,
-        )
-    if model.family == "flux2_klein":
-        from .flux2_klein import Flux2KleinFamily
-
-        return Flux2KleinFamily.from_pretrained(
-            path, teacher_context=model.teacher_context, teacher_vlm_path=model.teacher_vlm_path,
-            dtype=dtype, device=device, transformer_device=transformer_device,
-            max_sequence_length=model.max_sequence_length, teacher_max_sequence_length=model.teacher_max_sequence_length,
-            vlm_min_pixels=model.vlm_min_pixels, vlm_max_pixels=model.vlm_max_pixels,
-        )
-    if model.family == "toy":
-        from .toy import ToyFamily
-
-        return ToyFamily.from_pretrained(path, dtype=dtype, device=device, transformer_device=transformer_device,
-                                         max_sequence_length=model.max_sequence_length)
-    raise ValueError(f"unknown model family {model.family!r}; known: zimage, flux2_klein, toy")
+    return family_module(model.family).from_config(model, str(path or model.path), device, transformer_device)
 
 
-def build_tiny(model: ModelConfig, path: str | Path, seed: int = 0) -> Path:
+def build_tiny(model, path: str | Path, seed: int = 0) -> Path:
     """Build (once) a tiny random pipeline of the configured family under `path`."""
     path = Path(path)
-    if (path / "model_index.json").is_file():
-        return path
-    if model.family == "zimage":
-        from .zimage import build_tiny_zimage
-
-        build_tiny_zimage(path, seed=seed)
-    elif model.family == "flux2_klein":
-        from .flux2_klein import build_tiny_flux2_klein
-
-        build_tiny_flux2_klein(path, seed=seed, variant=model.variant or "4b")
-    elif model.family == "toy":
-        from .toy import build_tiny_toy
-
-        build_tiny_toy(path, seed=seed)
-    else:
-        raise ValueError(f"unknown model family {model.family!r}; known: zimage, flux2_klein, toy")
+    if not (path / "model_index.json").is_file():
+        family_module(model.family).build_tiny(path, seed, model)
     return path
 
 
 def lora_targets(family_name: str) -> list[str]:
-    if family_name == "zimage":
-        from .zimage import LORA_TARGETS
-    elif family_name == "toy":
-        from .toy import LORA_TARGETS
-    else:
-        from .flux2_klein import LORA_TARGETS
-    return list(LORA_TARGETS)
+    return list(family_module(family_name).LORA_TARGETS)
 
 
 def pipeline_class(family_name: str):
-    if family_name == "zimage":
-        from .zimage import PIPELINE_CLASS
-    elif family_name == "toy":
-        from .toy import PIPELINE_CLASS
-    else:
-        from .flux2_klein import PIPELINE_CLASS
-    return PIPELINE_CLASS
+    return family_module(family_name).PIPELINE_CLASS

@@ -56,15 +56,23 @@ class Family(Protocol):
     def inference_sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         """The stock pipeline's few-step sigmas, float32, length num_steps + 1, ending at 0."""
 
-    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Apply the family's timestep shift (static or resolution-dependent) to uniform sigmas."""
+    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int, num_steps: int) -> torch.Tensor:
+        """Apply the family's timestep shift (static or resolution-dependent) to uniform sigmas,
+        the shift its stock sampler uses at this resolution for num_steps steps (only
+        FLUX.2-klein's depends on the number of steps)."""
 
     # -- previews and export -----------------------------------------------------
-    def pipeline(self, transformer: nn.Module | None = None):
-        """The stock diffusers pipeline built from this family's components."""
+    def pipeline(self):
+        """The stock diffusers pipeline built from this family's components (the toy's has
+        only the LoRA file format; Z-Image's and klein's also take another transformer)."""
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise ValueError naming the problem if images are not usable by this family."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's model.dtype ("float32" or "bfloat16")."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def module_dtype(model: nn.Module) -> torch.dtype:

@@ -47,13 +47,16 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from .base import check_image_batch, freeze, module_dtype
+from ..algorithms.schedules import static_shift
+from .base import check_image_batch, freeze, module_dtype, torch_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import VLMEncoder, build_tiny_vlm, select_hidden_states
 
 PIPELINE_CLASS = Flux2KleinPipeline
-# How users run the stock pipeline (jobs/sample.py): klein's native 4 steps, guidance 1.0 (distilled).
-STOCK_SAMPLING = {"guidance_scale": 1.0, "num_inference_steps": 4}
+TEACHER_CONTEXTS = ("reference", "vlm")  # the released klein recipe's first (module docstring)
+INFERENCE_STEPS = 4  # klein's native few-step setting
+# How users run the stock pipeline (jobs/sample.py): 4 steps, guidance 1.0 (distilled).
+STOCK_SAMPLING = {"guidance_scale": 1.0, "num_inference_steps": INFERENCE_STEPS}
 # Every attention and feed-forward projection of the double-stream blocks
 # (transformer_blocks.N) and the single-stream blocks (single_transformer_blocks.N).
 # peft matches list entries as name suffixes, without globs. The single blocks' output
@@ -175,8 +178,8 @@ class Flux2KleinFamily:
         vlm_min_pixels: int = 512 * 512,
         vlm_max_pixels: int = 768 * 768,
     ):
-        if teacher_context not in ("reference", "vlm"):
-            raise ValueError(f"teacher_context must be 'reference' or 'vlm', got {teacher_context!r}")
+        if teacher_context not in TEACHER_CONTEXTS:
+            raise ValueError(f"teacher_context must be one of {', '.join(TEACHER_CONTEXTS)}, got {teacher_context!r}")
         if teacher_context == "vlm" and teacher_vlm_path is None:
             raise ValueError("teacher_context='vlm' needs teacher_vlm_path (a Qwen3-VL checkpoint)")
         n_layers = text_encoder.config.num_hidden_layers
@@ -207,20 +210,16 @@ class Flux2KleinFamily:
         cls,
         path: str | Path,
         *,
-        teacher_context: str = "reference",
-        teacher_vlm_path: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         transformer_device: str | torch.device | None = None,
-        max_sequence_length: int = 512,
-        text_encoder_out_layers: Sequence[int] = DEFAULT_OUT_LAYERS,
-        reference_instruction: str = DEFAULT_INSTRUCTION,
-        teacher_max_sequence_length: int = 1024,
-        vlm_min_pixels: int = 512 * 512,
-        vlm_max_pixels: int = 768 * 768,
+        teacher_vlm_path: str | Path | None = None,
+        **settings,
     ) -> "Flux2KleinFamily":
         """Load a Flux2KleinPipeline directory or hub id; text encoder and VAE are frozen.
 
+        settings: __init__'s keyword settings (teacher_context, max_sequence_length, ...),
+        passed on as they are, so their defaults live in one place.
         teacher_vlm_path (only used with teacher_context="vlm", loaded on first use)
         defaults to `path/teacher_vlm` when that exists (tiny builds), otherwise to the
         Qwen3-VL sibling of the variant whose joint_attention_dim matches (VARIANTS).
@@ -240,11 +239,7 @@ class Flux2KleinFamily:
         return cls(
             transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
             scheduler=pipe.scheduler, is_distilled=bool(pipe.config.get("is_distilled", True)),
-            teacher_context=teacher_context,
-            teacher_vlm_path=None if teacher_vlm_path is None else str(teacher_vlm_path),
-            max_sequence_length=max_sequence_length, text_encoder_out_layers=text_encoder_out_layers,
-            reference_instruction=reference_instruction, teacher_max_sequence_length=teacher_max_sequence_length,
-            vlm_min_pixels=vlm_min_pixels, vlm_max_pixels=vlm_max_pixels,
+            teacher_vlm_path=None if teacher_vlm_path is None else str(teacher_vlm_path), **settings,
         )
 
     @property
@@ -408,18 +403,19 @@ class Flux2KleinFamily:
         scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=self._mu(num_steps, height, width))
         return scheduler.sigmas.float().cpu()
 
-    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int, num_steps: int = 4) -> torch.Tensor:
-        """The scheduler's shift applied to uniform sigmas.
+    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int, num_steps: int) -> torch.Tensor:
+        """The scheduler's shift applied to uniform sigmas, as the pipeline shifts them for num_steps.
 
-        Dynamic shifting (klein) uses the pipeline's mu for this resolution and num_steps
-        (default 4, klein's deployed setting), so shift_sigmas(linspace(1, 1/4, 4)) equals
-        inference_sigmas(4)[:-1]; a static scheduler uses its `shift`.
+        Dynamic shifting (klein) uses the pipeline's mu, compute_empirical_mu(image tokens,
+        num_steps): up to 4300 image tokens (1024 x 1024 is 4096) it depends on the number of
+        steps, so shift_sigmas(linspace(1, 1/N, N), h, w, N) equals inference_sigmas(N, h, w)[:-1]
+        for every N, and SFT's sampled sigmas take the run's algorithm.inference_steps, the
+        sampler it will be deployed with. A static scheduler uses its `shift`.
         """
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if self.scheduler.config.use_dynamic_shifting:
             return self.scheduler.time_shift(self._mu(num_steps, height, width), 1.0, sigmas).float()
-        shift = self.scheduler.config.shift
-        return shift * sigmas / (1 + (shift - 1) * sigmas)
+        return static_shift(sigmas, self.scheduler.config.shift)
 
     # -- previews and export -------------------------------------------------------------
 
@@ -459,7 +455,24 @@ class Flux2KleinFamily:
         check_image_batch(images, self.pixel_multiple, "FLUX.2")
 
 
+def from_config(model_cfg, path: str | Path, device: str | torch.device = "cpu",
+                transformer_device: str | torch.device | None = None) -> Flux2KleinFamily:
+    """The family with a ModelConfig's settings (families.load_family)."""
+    return Flux2KleinFamily.from_pretrained(
+        path, dtype=torch_dtype(model_cfg.dtype), device=device, transformer_device=transformer_device,
+        teacher_context=model_cfg.teacher_context, teacher_vlm_path=model_cfg.teacher_vlm_path,
+        max_sequence_length=model_cfg.max_sequence_length,
+        teacher_max_sequence_length=model_cfg.teacher_max_sequence_length,
+        vlm_min_pixels=model_cfg.vlm_min_pixels, vlm_max_pixels=model_cfg.vlm_max_pixels,
+    )
+
+
 # -- tiny builder ----------------------------------------------------------------------
+
+
+def build_tiny(path: str | Path, seed: int, model_cfg) -> Path:
+    """families.build_tiny's entry: model.variant picks the tiny variant's block counts."""
+    return build_tiny_flux2_klein(path, seed=seed, variant=model_cfg.variant or "4b")
 
 
 def build_tiny_flux2_klein(path: str | Path, seed: int = 0, variant: str = "4b") -> Path:

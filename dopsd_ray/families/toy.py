@@ -7,7 +7,7 @@ transformers classes, for the CPU miniature of the paper (dopsd_ray/toy/).
   an exact invertible "autoencoder" that makes a 32 x 32 RGB image a 12 x 16 x 16 latent
   (4x cheaper for the UNet); pixel_multiple = 2 * the UNet's 2 ** downsamplings;
 - student context: caption tokens from a small frozen Qwen3 text encoder
-  (a word-level tokenizer over the world's words, padded to max_sequence_length,
+  (a word-level tokenizer over the toy world's words, padded to max_sequence_length,
   last hidden state, padding masked out in cross-attention);
 - teacher context: the caption tokens followed by image tokens of the target image from
   a small frozen CLIP vision encoder (patch tokens + class token, post-layernorm) - the
@@ -19,6 +19,8 @@ transformers classes, for the CPU miniature of the paper (dopsd_ray/toy/).
 
 The committed base (models/toy, built by jobs/build_toy_base.py) is a 4-step distilled
 student of a flow-matching model; `build_tiny_toy` makes a random one of the same shape.
+This file knows nothing of the toy world (dopsd_ray/toy/ builds on it, not the other way):
+its words and image size come in as arguments, or from a saved model.
 """
 
 import json
@@ -32,12 +34,13 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
+from ..algorithms.schedules import static_shift
 from ..config import TOY_BASE_DIR
-from ..toy import world
-from .base import check_image_batch, freeze, module_dtype
+from .base import check_image_batch, freeze, module_dtype, torch_dtype
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
-HIDDEN = 64  # text and image token width = the UNet's cross_attention_dim
+TEACHER_CONTEXTS = ("image_tokens",)  # caption tokens + image tokens of the target
 INFERENCE_STEPS = 4
+HIDDEN = 64  # text and image token width = the UNet's cross_attention_dim
 SHIFT = 3.0  # static timestep shift of the schedule (module docstring)
 
 
@@ -70,11 +73,11 @@ class ToyPipeline:
 PIPELINE_CLASS = ToyPipeline
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the world's words (unknown words -> <unk>)."""
+def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over `words` (unknown words -> <unk>)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *world.vocabulary()])}
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -84,10 +87,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 PATCH = 2  # pixel_unshuffle factor: latents are (3 * PATCH ** 2, H / PATCH, W / PATCH)
 
 
-def build_unet(block_out_channels=(32, 64, 64)) -> UNet2DConditionModel:
+def build_unet(image_size: int, block_out_channels=(32, 64, 64)) -> UNet2DConditionModel:
     channels = 3 * PATCH * PATCH
     return UNet2DConditionModel(
-        sample_size=world.SIZE // PATCH, in_channels=channels, out_channels=channels, layers_per_block=1,
+        sample_size=image_size // PATCH, in_channels=channels, out_channels=channels, layers_per_block=1,
         block_out_channels=tuple(block_out_channels), norm_num_groups=16,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -95,7 +98,7 @@ def build_unet(block_out_channels=(32, 64, 64)) -> UNet2DConditionModel:
     )
 
 
-def build_encoders(tokenizer, seed: int = 0) -> tuple[Qwen3Model, CLIPVisionModel]:
+def build_encoders(tokenizer, image_size: int, seed: int = 0) -> tuple[Qwen3Model, CLIPVisionModel]:
     """Random frozen encoders. The vision patch embedding is initialised at unit gain so the
     image content, not the position embedding, dominates its tokens."""
     text_config = Qwen3Config(
@@ -103,7 +106,7 @@ def build_encoders(tokenizer, seed: int = 0) -> tuple[Qwen3Model, CLIPVisionMode
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     vision_config = CLIPVisionConfig(
-        image_size=world.SIZE, patch_size=8, num_channels=3, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+        image_size=image_size, patch_size=8, num_channels=3, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
         num_hidden_layers=1, num_attention_heads=4)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -128,6 +131,7 @@ class ToyFamily:
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
         self.pixel_multiple = PATCH * 2 ** (len(transformer.config.block_out_channels) - 1)
+        self.image_size = vision_encoder.config.image_size  # the side the vision encoder reads
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
@@ -152,7 +156,7 @@ class ToyFamily:
         self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
         self.vision_encoder.save_pretrained(path / "vision_encoder", safe_serialization=True)
         self.tokenizer.save_pretrained(path / "tokenizer")
-        (path / "model_index.json").write_text(json.dumps({"family": "toy", "image_size": world.SIZE}) + "\n")
+        (path / "model_index.json").write_text(json.dumps({"family": "toy", "image_size": self.image_size}) + "\n")
         return path
 
     @property
@@ -173,8 +177,8 @@ class ToyFamily:
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 1 + patches, HIDDEN) from the frozen vision encoder."""
         x = images.to(self.device, self.vision_encoder.dtype)
-        if x.shape[-2:] != (world.SIZE, world.SIZE):
-            x = F.interpolate(x, size=(world.SIZE, world.SIZE), mode="area")
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="area")
         out = self.vision_encoder(pixel_values=x).last_hidden_state
         return self.vision_encoder.post_layernorm(out).float()
 
@@ -211,27 +215,47 @@ class ToyFamily:
     # -- schedules -----------------------------------------------------------------------
 
     def inference_sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
-        return self.shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1), height, width)
+        return self.shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1), height, width, num_steps)
 
-    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
-        return SHIFT * sigmas / (1 + (SHIFT - 1) * sigmas)
+    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int, num_steps: int) -> torch.Tensor:
+        """The static shift: the same for every resolution and number of steps."""
+        return static_shift(sigmas, SHIFT)
 
     # -- previews and export -------------------------------------------------------------
 
-    def pipeline(self, transformer: nn.Module | None = None) -> ToyPipeline:
+    def pipeline(self) -> ToyPipeline:
         return ToyPipeline()
 
     def check_images(self, images: torch.Tensor) -> None:
         check_image_batch(images, self.pixel_multiple, "the toy UNet")
 
 
-def build_tiny_toy(path: str | Path, seed: int = 0, block_out_channels=(16, 16, 16)) -> Path:
-    """A random toy model (untrained UNet) saved under `path`, loadable with from_pretrained."""
-    tokenizer = build_tokenizer()
-    text_encoder, vision = build_encoders(tokenizer, seed)
+def from_config(model_cfg, path: str | Path, device: str | torch.device = "cpu",
+                transformer_device: str | torch.device | None = None) -> ToyFamily:
+    """The family with a ModelConfig's settings (families.load_family)."""
+    return ToyFamily.from_pretrained(path, dtype=torch_dtype(model_cfg.dtype), device=device,
+                                     transformer_device=transformer_device,
+                                     max_sequence_length=model_cfg.max_sequence_length)
+
+
+def build_tiny(path: str | Path, seed: int, model_cfg) -> Path:
+    """families.build_tiny's entry: nothing in the config changes the toy's tiny build."""
+    return build_tiny_toy(path, seed=seed)
+
+
+def build_tiny_toy(path: str | Path, seed: int = 0, block_out_channels=(16, 16, 16), like: str | Path = TOY_BASE_DIR
+                   ) -> Path:
+    """A random toy model (untrained, smaller UNet) saved under `path`, loadable with from_pretrained.
+
+    It has the tokenizer (the toy world's words) and image size of the saved model `like`
+    (the committed base), so it reads the same captions and images as the real one.
+    """
+    like = Path(like)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(like / "tokenizer")
+    image_size = json.loads((like / "model_index.json").read_text())["image_size"]
+    text_encoder, vision = build_encoders(tokenizer, image_size, seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
-        unet = build_unet(block_out_channels)
+        unet = build_unet(image_size, block_out_channels)
     return ToyFamily(transformer=unet, text_encoder=text_encoder, vision_encoder=vision,
                      tokenizer=tokenizer).save_pretrained(path)

@@ -29,13 +29,16 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
-from .base import check_image_batch, freeze, module_dtype
+from ..algorithms.schedules import static_shift
+from .base import check_image_batch, freeze, module_dtype, torch_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import DEFAULT_VLM, VLMEncoder, build_tiny_vlm, strip_padding
 
 PIPELINE_CLASS = ZImagePipeline
-# How users run the stock pipeline (jobs/sample.py): Turbo's 8 NFE, no CFG (guidance-distilled).
-STOCK_SAMPLING = {"guidance_scale": 0.0, "num_inference_steps": 8}
+TEACHER_CONTEXTS = ("vlm",)
+INFERENCE_STEPS = 8  # Turbo's 8 NFE
+# How users run the stock pipeline (jobs/sample.py): 8 steps, no CFG (guidance-distilled).
+STOCK_SAMPLING = {"guidance_scale": 0.0, "num_inference_steps": INFERENCE_STEPS}
 # Per block of noise_refiner.N, context_refiner.N and layers.N.
 LORA_TARGETS = [
     "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
@@ -95,17 +98,16 @@ class ZImageFamily:
         cls,
         path: str | Path,
         *,
-        teacher_vlm_path: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         transformer_device: str | torch.device | None = None,
-        max_sequence_length: int = 512,
-        teacher_max_sequence_length: int = 1024,
-        vlm_min_pixels: int = 512 * 512,
-        vlm_max_pixels: int = 768 * 768,
+        teacher_vlm_path: str | Path | None = None,
+        **settings,
     ) -> "ZImageFamily":
         """Load a ZImagePipeline directory or hub id. The teacher VLM loads on first use.
 
+        settings: __init__'s keyword settings (max_sequence_length, ...), passed on as they
+        are, so their defaults live in one place.
         teacher_vlm_path defaults to `path/teacher_vlm` when that exists (tiny builds),
         otherwise to Qwen/Qwen3-VL-4B-Instruct. transformer_device (default: device) is "cpu"
         on DeepSpeed learners, which place the transformer themselves.
@@ -117,9 +119,7 @@ class ZImageFamily:
             teacher_vlm_path = str(local) if local.is_dir() else DEFAULT_VLM
         return cls(
             transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, teacher_vlm_path=str(teacher_vlm_path),
-            max_sequence_length=max_sequence_length, teacher_max_sequence_length=teacher_max_sequence_length,
-            vlm_min_pixels=vlm_min_pixels, vlm_max_pixels=vlm_max_pixels,
+            tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, teacher_vlm_path=str(teacher_vlm_path), **settings,
         )
 
     @property
@@ -232,8 +232,9 @@ class ZImageFamily:
         scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(num_steps), mu=self._mu(height, width))
         return scheduler.sigmas.float().cpu()
 
-    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The scheduler's own shift (static `shift`, or time_shift with mu when dynamic).
+    def shift_sigmas(self, sigmas: torch.Tensor, height: int, width: int, num_steps: int) -> torch.Tensor:
+        """The scheduler's own shift (static `shift`, or time_shift with mu when dynamic);
+        neither depends on num_steps.
 
         Only the shift: shift_terminal / karras-style conversions, which Z-Image does not
         configure, act on whole schedules and are not applied to sampled sigmas.
@@ -241,8 +242,7 @@ class ZImageFamily:
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if self.scheduler.config.use_dynamic_shifting:
             return self.scheduler.time_shift(self._mu(height, width), 1.0, sigmas).float()
-        shift = self.scheduler.shift
-        return shift * sigmas / (1 + (shift - 1) * sigmas)
+        return static_shift(sigmas, self.scheduler.shift)
 
     # -- previews and export -------------------------------------------------------------
 
@@ -258,7 +258,23 @@ class ZImageFamily:
         check_image_batch(images, self.pixel_multiple, "Z-Image")
 
 
+def from_config(model_cfg, path: str | Path, device: str | torch.device = "cpu",
+                transformer_device: str | torch.device | None = None) -> ZImageFamily:
+    """The family with a ModelConfig's settings (families.load_family)."""
+    return ZImageFamily.from_pretrained(
+        path, dtype=torch_dtype(model_cfg.dtype), device=device, transformer_device=transformer_device,
+        teacher_vlm_path=model_cfg.teacher_vlm_path, max_sequence_length=model_cfg.max_sequence_length,
+        teacher_max_sequence_length=model_cfg.teacher_max_sequence_length,
+        vlm_min_pixels=model_cfg.vlm_min_pixels, vlm_max_pixels=model_cfg.vlm_max_pixels,
+    )
+
+
 # -- tiny builder ----------------------------------------------------------------------
+
+
+def build_tiny(path: str | Path, seed: int, model_cfg) -> Path:
+    """families.build_tiny's entry: nothing in the config changes Z-Image's tiny build."""
+    return build_tiny_zimage(path, seed=seed)
 
 
 def build_tiny_zimage(path: str | Path, seed: int = 0) -> Path:

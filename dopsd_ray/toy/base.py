@@ -194,11 +194,11 @@ def build_base(out: Path, flow_minutes: float, distill_minutes: float, batch_siz
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    tokenizer = build_tokenizer()
-    text_encoder, vision = build_encoders(tokenizer, seed)
+    tokenizer = build_tokenizer(world.vocabulary())
+    text_encoder, vision = build_encoders(tokenizer, world.SIZE, seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
-        unet = build_unet()
+        unet = build_unet(world.SIZE)
     family = ToyFamily(transformer=unet, text_encoder=text_encoder, vision_encoder=vision, tokenizer=tokenizer,
                        max_sequence_length=12)
     log(f"toy UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
