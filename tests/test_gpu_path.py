@@ -202,7 +202,7 @@ def test_bf16_ema_teacher_follows_an_fp32_reference_under_zero3_and_resumes_exac
     assert all(torch.equal(t, s.to(torch.bfloat16)) for t, s in zip(ema.teacher, ema.shadow))
 
 
-def two_rank_ema(rank: int, port: int, tiny_dir: str, out: str, release: bool) -> None:
+def two_rank_ema(rank: int, rendezvous: str, tiny_dir: str, out: str, release: bool) -> None:
     """One of two gloo ranks: bf16 ZeRO-3 LoRA steps with the learner's EMA; rank 0 writes
     the largest gap between the teacher and the fp32 reference EMA (in bf16 ulps)."""
     import json
@@ -213,8 +213,10 @@ def two_rank_ema(rank: int, port: int, tiny_dir: str, out: str, release: bool) -
     from dopsd_ray.learner import release_stale_gathers
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    # a file rendezvous: no free port to race for with other processes on the machine; DeepSpeed
+    # then takes the group as it is (its env check only wants the variables present)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     deepspeed.init_distributed(dist_backend="gloo")
     _, family, weights, engine, _ = engine_for(tiny_dir, "model.dtype=bfloat16", "optim.lr=0.05")
     ema = EmaTeacher(weights)
@@ -240,15 +242,12 @@ def test_two_ranks_zero3_teacher_is_not_read_one_ema_step_late(tiny_zimage_dir, 
     the gathered copy shares the shard's memory, so this needs two). Without
     learner.release_stale_gathers this run's gap was > 4 ulps."""
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "gap.json"
-    mp.spawn(two_rank_ema, args=(port, str(tiny_zimage_dir), str(out), True), nprocs=2, join=True)
+    mp.spawn(two_rank_ema, args=(str(tmp_path / "rendezvous"), str(tiny_zimage_dir), str(out), True), nprocs=2,
+             join=True)
     gap = json.loads(out.read_text())["gap_ulps"]
     assert gap <= 1.0, f"the teacher is {gap:.1f} bf16 ulps from the fp32 EMA"
 
