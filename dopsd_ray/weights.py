@@ -9,7 +9,7 @@ Two implementations of one small surface (used by the learner and the rollout wo
     with weights.teacher() as model:   # the module to call for the teacher (no grad)
     weights.trainable_parameters()     # what the optimizer updates
     weights.named_parameters(which)    # (key, param) of the student or teacher
-    weights.export(path, pipeline_class)
+    weights.export(path, pipeline_class)   # LoRA: alpha / r folded into lora_B
     ema = EmaTeacher(weights); ema.step(decay)   # after every optimizer step, in fp32
     state_dict(weights, which) / load_state_dict(weights, sd, which): what a sync ships
     apply_snapshot(weights, buckets)   # a rollout worker's swap, one bucket at a time
@@ -104,17 +104,32 @@ class LoraWeights:
         return [(name.replace(f".{which}.", "."), p) for name, p in self.model.named_parameters() if f".{which}." in name]
 
     def export(self, path: str | Path, pipeline_class, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """A diffusers LoRA file the stock pipeline's load_lora_weights accepts.
+        """A diffusers LoRA file the stock pipeline's load_lora_weights accepts, at scale 1.
+
+        The student computes W x + (alpha / r) B A x. Loaders disagree on where that scale
+        comes from: diffusers reads lora_alpha from the file's metadata, ComfyUI and kohya-style
+        tools read `.alpha` tensors and take scale 1 without them, so a rank-64 / alpha-128 file
+        with alpha in the metadata alone runs at half strength there. So alpha / r is folded into
+        every lora_B and the metadata says lora_alpha = r: diffusers' scale is 1 and its product
+        unchanged, and a loader that knows nothing of alpha gets the same weights. Folding rather
+        than adding `.alpha` tensors: one set of tensors that every loader reads alike, with no
+        key some loader might not expect.
 
         `state`: the student adapter gathered from ZeRO-3 partitions (default: read it here).
         """
-        state = state_dict(self) if state is None else state
-        metadata = {"r": self.rank, "lora_alpha": self.alpha, "target_modules": self.targets}
+        path = Path(path)
+        state = fold_lora_scale(state_dict(self) if state is None else state, self.alpha / self.rank)
+        metadata = {"r": self.rank, "lora_alpha": self.rank, "target_modules": self.targets}
         pipeline_class.save_lora_weights(
             str(path), transformer_lora_layers=state,
             transformer_lora_adapter_metadata=metadata, safe_serialization=True,
         )
-        return Path(path) / "pytorch_lora_weights.safetensors"
+        return path / "pytorch_lora_weights.safetensors"
+
+
+def fold_lora_scale(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """LoRA weights with `scale` multiplied into every lora_B (in fp32, stored in its dtype)."""
+    return {k: (v.float() * scale).to(v.dtype) if ".lora_B." in k else v for k, v in state.items()}
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
