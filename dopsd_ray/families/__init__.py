@@ -83,3 +83,15 @@ def pipeline_class(family_name: str):
     else:
         from .flux2_klein import PIPELINE_CLASS
     return PIPELINE_CLASS
+
+
+def comfyui_keys(family_name: str) -> tuple[dict, dict] | None:
+    """The family's (blocks, modules) map to ComfyUI's native LoRA names (weights.comfyui_lora);
+    None for the toy, whose UNet is no ComfyUI model: it gets the diffusers file only."""
+    if family_name == "zimage":
+        from .zimage import COMFYUI_BLOCKS, COMFYUI_MODULES
+    elif family_name == "flux2_klein":
+        from .flux2_klein import COMFYUI_BLOCKS, COMFYUI_MODULES
+    else:
+        return None
+    return COMFYUI_BLOCKS, COMFYUI_MODULES
