@@ -53,7 +53,7 @@ from .algorithms.steps import Batch, RolloutRestart, colocated_loss, experience_
 from .checkpoint import load_checkpoint, ray_upload_fn, save_checkpoint, usable_checkpoint, checkpoint_dir_name
 from .config import Config
 from .data.stream import iter_batches
-from .families import lora_targets, load_family, pipeline_class
+from .families import comfyui_keys, lora_targets, load_family, pipeline_class
 from .families.base import Family
 from .preview import sample_grid_for
 from .ranks import LearnerRanks
@@ -399,7 +399,8 @@ class Learner:
         student = self.full_state(STUDENT)
         if self.rank == 0:
             out = Path(self.cfg.run_dir) / "export"
-            self.weights.export(out, pipeline_class(self.cfg.model.family), state=student)
+            family = self.cfg.model.family
+            self.weights.export(out, pipeline_class(family), state=student, comfyui=comfyui_keys(family))
             (Path(self.cfg.run_dir) / "config.resolved.json").write_text(self.cfg.model_dump_json(indent=2))
             if self.mlflow:
                 self.mlflow.log_artifact(str(out), "export")

@@ -9,7 +9,7 @@ Two implementations of one small surface (used by the learner and the rollout wo
     with weights.teacher() as model:   # the module to call for the teacher (no grad)
     weights.trainable_parameters()     # what the optimizer updates
     weights.named_parameters(which)    # (key, param) of the student or teacher
-    weights.export(path, pipeline_class)
+    weights.export(path, pipeline_class, comfyui=...)   # LoRA: scale folded in, + a ComfyUI copy
     ema = EmaTeacher(weights); ema.step(decay)   # after every optimizer step, in fp32
     state_dict(weights, which) / load_state_dict(weights, sd, which): what a sync ships
     apply_snapshot(weights, buckets)   # a rollout worker's swap, one bucket at a time
@@ -123,18 +123,88 @@ class LoraWeights:
         (empty for the teacher of weights built without one)."""
         return [(name.replace(f".{which}.", "."), p) for name, p in self.model.named_parameters() if f".{which}." in name]
 
-    def export(self, path: str | Path, pipeline_class, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """A diffusers LoRA file the stock pipeline's load_lora_weights accepts.
+    def export(self, path: str | Path, pipeline_class, state: dict[str, torch.Tensor] | None = None,
+               comfyui: tuple[dict, dict] | None = None) -> Path:
+        """A diffusers LoRA file the stock pipeline's load_lora_weights accepts, at scale 1.
+
+        The student computes W x + (alpha / r) B A x. Loaders disagree on where that scale
+        comes from: diffusers reads lora_alpha from the file's metadata, ComfyUI and kohya-style
+        tools read `.alpha` tensors and take scale 1 without them, so a rank-64 / alpha-128 file
+        with alpha in the metadata alone runs at half strength there. So alpha / r is folded into
+        every lora_B and the metadata says lora_alpha = r: diffusers' scale is 1 and its product
+        unchanged, and a loader that knows nothing of alpha gets the same weights. Folding rather
+        than adding `.alpha` tensors: one set of tensors that every loader reads alike, with no
+        key some loader might not expect.
 
         `state`: the student adapter gathered from ZeRO-3 partitions (default: read it here).
+        `comfyui`: the family's (blocks, modules) key map (families.comfyui_keys); with it a
+        ComfyUI-native copy is written beside, COMFYUI_FILE (see comfyui_lora).
         """
-        state = state_dict(self) if state is None else state
-        metadata = {"r": self.rank, "lora_alpha": self.alpha, "target_modules": self.targets}
+        path = Path(path)
+        state = fold_lora_scale(state_dict(self) if state is None else state, self.alpha / self.rank)
+        metadata = {"r": self.rank, "lora_alpha": self.rank, "target_modules": self.targets}
         pipeline_class.save_lora_weights(
             str(path), transformer_lora_layers=state,
             transformer_lora_adapter_metadata=metadata, safe_serialization=True,
         )
-        return Path(path) / "pytorch_lora_weights.safetensors"
+        if comfyui is not None:
+            try:
+                native = comfyui_lora(state, *comfyui)
+            except KeyError as e:  # custom lora.targets the map does not cover: the diffusers file stands
+                warnings.warn(f"no ComfyUI LoRA file written: {e.args[0]}")
+            else:
+                save_file(native, str(path / COMFYUI_FILE))
+        return path / "pytorch_lora_weights.safetensors"
+
+
+COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
+
+
+def fold_lora_scale(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """LoRA weights with `scale` multiplied into every lora_B (in fp32, stored in its dtype)."""
+    return {k: (v.float() * scale).to(v.dtype) if ".lora_B." in k else v for k, v in state.items()}
+
+
+def comfyui_lora(state: dict[str, torch.Tensor], blocks: dict[str, str],
+                 modules: dict[str, tuple[str, int | None]]) -> dict[str, torch.Tensor]:
+    """LoRA weights (keys `<block>.<i>.<module>.lora_A/B.weight`, scale folded in) under ComfyUI's
+    native names: `diffusion_model.<native block>.<i>.<native module>.lora_A.weight` / `.lora_B.weight`.
+
+    ComfyUI maps `diffusion_model.<name>` for every weight of its native model, whatever the
+    model (comfy/lora.py model_lora_keys_unet), and reads `<key>.lora_A.weight` / `.lora_B.weight`
+    pairs (comfy/weight_adapter/lora.py); with no `<key>.alpha` its scale is 1, the trained
+    strength of a folded file. `blocks` renames block lists; `modules` gives each of our modules
+    its native module and, where the native model fuses several of ours into one linear (q, k, v
+    into qkv, rows in that order), its part index. Fused parts become one LoRA of rank n * r whose
+    product is exactly the parts' products stacked: A = [A_0; A_1; ...], B = blockdiag(B_0, B_1, ...).
+    Raises KeyError for a module the map does not cover or a fused module with parts missing.
+
+    Why native names: recent ComfyUI also converts diffusers keys for Z-Image and FLUX.2 itself
+    (`transformer.<our module>`, q/k/v sliced into qkv), but those are the keys of the diffusers
+    file already; this copy relies only on the generic rule, not on per-model conversion tables.
+    Its price: the fused q/k/v B matrices are block-diagonal, zeros off the blocks.
+    """
+    fused: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key in sorted(k for k in state if k.endswith(".lora_A.weight")):
+        module = key[:-len(".lora_A.weight")]
+        block, index, name = (module.split(".", 2) + ["", ""])[:3]
+        if block not in blocks or name not in modules:
+            raise KeyError(f"LoRA module {module!r} has no ComfyUI name in the family's map")
+        native, part = modules[name]
+        fused.setdefault(f"{blocks[block]}.{index}.{native}", {})[part] = (state[key], state[f"{module}.lora_B.weight"])
+    out = {}
+    for native, parts in fused.items():
+        if None in parts:
+            down, up = parts[None]
+        else:
+            n = 1 + max(p for m, p in modules.values() if m == native.split(".", 2)[2])
+            if sorted(parts) != list(range(n)):
+                raise KeyError(f"ComfyUI's {native} fuses {n} LoRA modules; the LoRA has parts {sorted(parts)}")
+            down = torch.cat([parts[i][0] for i in range(n)])
+            up = torch.block_diag(*[parts[i][1] for i in range(n)])
+        out[f"diffusion_model.{native}.lora_A.weight"] = down.contiguous()
+        out[f"diffusion_model.{native}.lora_B.weight"] = up.contiguous()
+    return out
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -258,8 +328,10 @@ class FullWeights:
             return [] if self._teacher is None else list(self._teacher.named_parameters())
         return list(self.model.named_parameters())
 
-    def export(self, path: str | Path, pipeline_class=None, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """A diffusers transformer folder (config + safetensors), loadable with from_pretrained."""
+    def export(self, path: str | Path, pipeline_class=None, state: dict[str, torch.Tensor] | None = None,
+               comfyui=None) -> Path:
+        """A diffusers transformer folder (config + safetensors), loadable with from_pretrained
+        (`comfyui` is for LoRA exports: whole weights have no ComfyUI copy here)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = state_dict(self) if state is None else state

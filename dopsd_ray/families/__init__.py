@@ -6,6 +6,7 @@ Every family module has the same surface:
     PIPELINE_CLASS    the class whose save_lora_weights writes the LoRA export
     TEACHER_CONTEXTS  the teacher contexts it can build, its default first
     INFERENCE_STEPS   its deployed few-step setting
+    COMFYUI_BLOCKS, COMFYUI_MODULES   diffusers -> ComfyUI native LoRA names (None: no ComfyUI model)
     build_tiny(path, seed, model_cfg)                          a tiny random pipeline saved under path
     from_config(model_cfg, path, device, transformer_device)   the family loaded from path
 
@@ -51,3 +52,10 @@ def lora_targets(family_name: str) -> list[str]:
 
 def pipeline_class(family_name: str):
     return family_module(family_name).PIPELINE_CLASS
+
+
+def comfyui_keys(family_name: str) -> tuple[dict, dict] | None:
+    """The family's (blocks, modules) map to ComfyUI's native LoRA names (weights.comfyui_lora);
+    None for a family that is no ComfyUI model (the toy): it gets the diffusers file only."""
+    module = family_module(family_name)
+    return None if module.COMFYUI_MODULES is None else (module.COMFYUI_BLOCKS, module.COMFYUI_MODULES)

@@ -71,6 +71,21 @@ LORA_TARGETS = [
     "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
     "attn.to_qkv_mlp_proj",
 ] + [f"single_transformer_blocks.{i}.attn.to_out" for i in range(MAX_SINGLE_BLOCKS)]
+# Our LoRA modules under ComfyUI's native FLUX.2 names (weights.comfyui_lora). ComfyUI runs
+# FLUX.2 as its Flux model (comfy/ldm/flux): transformer_blocks are double_blocks with q, k, v
+# fused into img_attn.qkv and add_q/k/v_proj into txt_attn.qkv (rows q, k, v), single blocks keep
+# our already fused linears as linear1 / linear2. Names as in ComfyUI's own diffusers conversion
+# (comfy/utils.py flux_to_diffusers, which slices q, k, v rows the same way).
+COMFYUI_BLOCKS = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}
+COMFYUI_MODULES = {
+    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+    "attn.to_out.0": ("img_attn.proj", None), "attn.to_add_out": ("txt_attn.proj", None),
+    "ff.linear_in": ("img_mlp.0", None), "ff.linear_out": ("img_mlp.2", None),
+    "ff_context.linear_in": ("txt_mlp.0", None), "ff_context.linear_out": ("txt_mlp.2", None),
+    "attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None),  # single blocks
+}
 DEFAULT_INSTRUCTION = "Make the main subject, background, and overall composition consistent with the reference image."
 DEFAULT_OUT_LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers
 REFERENCE_T = 10  # the pipeline's _prepare_image_ids: the i-th reference image gets t = 10 + 10 * i

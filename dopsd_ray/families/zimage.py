@@ -44,6 +44,18 @@ LORA_TARGETS = [
     "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
 ]
+# Our LoRA modules under ComfyUI's native Z-Image names (weights.comfyui_lora). ComfyUI runs
+# Z-Image as its Lumina2 NextDiT (comfy/ldm/lumina/model.py): the same block lists, but q, k, v
+# fused into one attention.qkv (rows q, k, v) and to_out.0 named attention.out. Part i of a fused
+# module is its i-th row block; ComfyUI's own diffusers conversion (comfy/utils.py
+# z_image_to_diffusers) slices the rows the same way.
+COMFYUI_BLOCKS = {"layers": "layers", "noise_refiner": "noise_refiner", "context_refiner": "context_refiner"}
+COMFYUI_MODULES = {
+    "attention.to_q": ("attention.qkv", 0), "attention.to_k": ("attention.qkv", 1),
+    "attention.to_v": ("attention.qkv", 2), "attention.to_out.0": ("attention.out", None),
+    "feed_forward.w1": ("feed_forward.w1", None), "feed_forward.w2": ("feed_forward.w2", None),
+    "feed_forward.w3": ("feed_forward.w3", None),
+}
 TINY_VLM_DIR = "teacher_vlm"  # where build_tiny_zimage puts the tiny teacher VLM
 SEQ_MULTI_OF = 32  # the transformer pads captions to a multiple of this
 
