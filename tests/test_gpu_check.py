@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ["colocated", "disaggregated", "async_rollout", "collective"]
 
 
+@pytest.mark.slow  # about 4 minutes: run by `python -m pytest -m slow` (.ci/run runs it)
 def test_gpu_check_runs_every_mode_and_its_checks_pass_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(
