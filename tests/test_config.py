@@ -92,7 +92,7 @@ if __name__ == "__main__":
 def run_train_main(cases: list[list[str]]) -> tuple[list[dict], str]:
     """jobs/train.py's main(args) for each case: exit code, stderr, and whether Ray was started.
     In this process when Ray is not up here yet (the imports are shared with later tests),
-    else in a fresh one."""
+    else in a fresh one. Not conftest.local_ray: these runs assert that Ray never starts."""
     import ray
 
     script = str(ROOT / "jobs" / "train.py")
