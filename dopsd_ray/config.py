@@ -146,8 +146,6 @@ class TrainConfig(Section):
     run_name: str = "dopsd"
     checkpoint_every: int = Field(100, ge=1)
     sample_every: int = Field(250, ge=1)
-    validation_prompts: list[str] = Field(default_factory=list)
-    sample_size: int = Field(1024, ge=16)  # preview side in pixels
     log_every: int = Field(1, ge=1)
 
 

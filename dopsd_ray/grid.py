@@ -3,7 +3,7 @@
     grid = sample_grid(
         rows=[student_images, teacher_context_images],   # one list per row
         row_labels=["student", "teacher context"],
-        col_labels=validation_prompts,
+        col_labels=captions,
     )
 
 Cells are image tensors in [-1, 1] shaped (3, H, W) (or (1, 3, H, W), or (1, H, W) for

@@ -19,12 +19,19 @@ def tiny_zimage_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A small local Ray for one test module's end-to-end runs."""
+    """The one small local Ray of a test module (4 logical CPUs), shut down after it.
+
+    Every test that needs Ray in this process uses it: a new local instance, never a
+    cluster that `ray start` (or another user of this machine) left running. A Ray some
+    earlier module left up in this process is reused, and left to that module."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Config: YAML + overrides, and errors that name the field and what is allowed."""
 
+import ast
 import json
 import os
 import subprocess
@@ -123,7 +124,7 @@ if __name__ == "__main__":
 def run_train_main(cases: list[list[str]]) -> tuple[list[dict], str]:
     """jobs/train.py's main(args) for each case: exit code, stderr, and whether Ray was started.
     In this process when Ray is not up here yet (the imports are shared with later tests),
-    else in a fresh one."""
+    else in a fresh one. Not conftest.local_ray: these runs assert that Ray never starts."""
     import ray
 
     script = str(ROOT / "jobs" / "train.py")
@@ -160,3 +161,185 @@ def test_bad_configuration_fails_before_any_ray_work_naming_the_field(tmp_path, 
         assert not got["ray_started"], args
     assert "Traceback" not in stderr + "".join(r["stderr"] for r in results)
     assert not (tmp_path / "runs").exists()  # no run directory, no MLflow store
+
+
+# --- Every key in the schema is read somewhere ----------------------------------------------
+
+SOURCE_DIRS = ("dopsd_ray", "jobs")
+
+
+def _sections():
+    from dopsd_ray.config import Config
+
+    return {name: field.annotation for name, field in Config.model_fields.items()}
+
+
+def config_reads(sources: dict[str, str]) -> set[str]:
+    """The `section.key`s that `sources` (path -> Python text) read.
+
+    A read is an attribute load `X.key` (or `getattr(X, "key")`) where X is a section:
+      * `C.section` where C is the whole config: a name `cfg`, an attribute `*.cfg`, a name
+        annotated `Config`, or `self` in Config's own methods (run_dir);
+      * a name bound to a section: assigned from one (`rt = cfg.runtime`), annotated with its
+        class (`model: ModelConfig`), or a parameter of a function some call passes a section
+        to (`make_weights(..., cfg.lora, ...)` makes `lora_cfg` there a section), found to a
+        fixed point across all the sources;
+      * `self` in a Section class's own methods, except its validators: a key that is only
+        checked against others is still never used.
+    An unrelated `.dtype` or `.path` (a tensor's, a model's) does not count.
+    """
+    sections = _sections()
+    by_class = {cls.__name__: name for name, cls in sections.items()}
+    trees = {path: ast.parse(text) for path, text in sources.items()}
+
+    # Scopes: each function (or module) with its parent scope and enclosing class name.
+    parent, klass, scope_of, functions = {}, {}, {}, {}
+
+    def walk(node, scope, cls):
+        for child in ast.iter_child_nodes(node):
+            scope_of[child] = scope
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                parent[child], klass[child] = scope, cls
+                if not isinstance(child, ast.Lambda):
+                    functions.setdefault(child.name, []).append(child)
+                walk(child, child, cls)
+            elif isinstance(child, ast.ClassDef):
+                walk(child, scope, child.name)
+            else:
+                walk(child, scope, cls)
+
+    for tree in trees.values():
+        parent[tree], klass[tree] = None, None
+        walk(tree, tree, None)
+
+    def is_validator(fn):
+        return any("validator" in ast.unparse(d) for d in getattr(fn, "decorator_list", ()))
+
+    aliases = {}  # (scope, name) -> section, or "" for the whole config
+
+    def lookup(name, scope):
+        while scope is not None:
+            if (scope, name) in aliases:
+                return aliases[scope, name]
+            if name == "self" and klass.get(scope) is not None and parent.get(scope) is not None:
+                cls = klass[scope]
+                if cls == "Config":
+                    return ""
+                if cls in by_class and not is_validator(scope):
+                    return by_class[cls]
+            scope = parent[scope]
+        return "" if name == "cfg" else None
+
+    def section_of(expr, scope):
+        """The section `expr` holds, "" for the whole config, None for anything else."""
+        if isinstance(expr, ast.Name):
+            return lookup(expr.id, scope)
+        if isinstance(expr, ast.Attribute):
+            if expr.attr == "cfg":
+                return ""
+            if expr.attr in sections and section_of(expr.value, scope) == "":
+                return expr.attr
+        return None
+
+    def annotated(arg):
+        if arg.annotation is None:
+            return None
+        name = ast.unparse(arg.annotation).strip("'\"").split(".")[-1]
+        return "" if name == "Config" else by_class.get(name)
+
+    for fns in functions.values():
+        for fn in fns:
+            for arg in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]:
+                if (s := annotated(arg)) is not None:
+                    aliases[fn, arg.arg] = s
+
+    changed = True
+    while changed:
+        changed = False
+
+        def bind(key, section):
+            nonlocal changed
+            if section is not None and aliases.get(key) != section:
+                aliases[key] = section
+                changed = True
+
+        for tree in trees.values():
+            for node in ast.walk(tree):
+                scope = scope_of.get(node, tree)
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    bind((scope, node.targets[0].id), section_of(node.value, scope))
+                elif isinstance(node, ast.Call):
+                    func = node.func
+                    name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+                    for fn in functions.get(name, ()):
+                        params = [*fn.args.posonlyargs, *fn.args.args]
+                        if params and params[0].arg in ("self", "cls") and isinstance(func, ast.Attribute):
+                            params = params[1:]
+                        for param, arg in zip(params, node.args):
+                            bind((fn, param.arg), section_of(arg, scope))
+                        names = {p.arg for p in [*params, *fn.args.kwonlyargs]}
+                        for kw in node.keywords:
+                            if kw.arg in names:
+                                bind((fn, kw.arg), section_of(kw.value, scope))
+
+    reads = set()
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            scope = scope_of.get(node, tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                section, key = section_of(node.value, scope), node.attr
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                  and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
+                section, key = section_of(node.args[0], scope), node.args[1].value
+            else:
+                continue
+            if section and key in sections[section].model_fields:
+                reads.add(f"{section}.{key}")
+    return reads
+
+
+def _project_sources() -> dict[str, str]:
+    return {str(p.relative_to(ROOT)): p.read_text() for d in SOURCE_DIRS for p in sorted((ROOT / d).rglob("*.py"))}
+
+
+def test_every_config_key_is_read_somewhere():
+    """A key in the schema that no code reads is a promise the trainer does not keep:
+    read it where it belongs, or remove it (from the schema, configs/ and the README)."""
+    keys = {f"{s}.{k}" for s, cls in _sections().items() for k in cls.model_fields}
+    unread = sorted(keys - config_reads(_project_sources()))
+    assert not unread, f"config keys no code in {', '.join(SOURCE_DIRS)}/ reads: {unread}"
+
+
+def test_config_reads_follows_sections_not_names():
+    """The check above counts section reads only: not a tensor's `.dtype`, nor a key only
+    its own validator looks at; it follows a section through names and calls."""
+    sources = {"a.py": '''
+from dopsd_ray.config import ModelConfig
+
+def build(m: ModelConfig):
+    return m.variant
+
+def make(lora_cfg, x):
+    return lora_cfg.rank, x.alpha
+
+def main(cfg, tensor, model):
+    rt = cfg.runtime
+    make(cfg.lora, cfg.lora)
+    getattr(cfg.optim, "eps")
+    return rt.mode, tensor.dtype, model.path, cfg.train.steps, self.cfg.data.repeats
+''', "config.py": '''
+class TrainConfig(Section):
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        return self.seed
+
+class Config(Section):
+    @property
+    def run_dir(self):
+        return self.train.output_dir
+'''}
+    assert config_reads(sources) == {
+        "model.variant", "lora.rank", "lora.alpha", "optim.eps", "runtime.mode", "train.steps", "data.repeats",
+        "train.output_dir"}

@@ -1,6 +1,6 @@
 """Data path: folders / JSONL -> parquet shards -> Ray Data stream -> bucketed batches.
 
-Pure checks first (no Ray); the stream tests share one real local Ray (2 CPUs).
+Pure checks first (no Ray); the stream tests share the module's local Ray (conftest.local_ray).
 """
 
 import functools
@@ -103,15 +103,9 @@ def shards_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    started = not ray.is_initialized()  # another module may have left its local Ray up
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+@pytest.fixture(scope="module", autouse=True)
+def no_progress_bars():
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    if started:
-        ray.shutdown()
 
 
 # -- preparing shards (no Ray) -----------------------------------------------------------
@@ -264,7 +258,7 @@ def test_wrong_columns_fail_at_once_naming_the_expected_ones(tmp_path):
 
 
 # -- streaming with Ray Data ---------------------------------------------------------------
-def test_read_shards_yields_bucketed_batches(ray_local, shards_dir):
+def test_read_shards_yields_bucketed_batches(local_ray, shards_dir):
     dataset, stats = read_shards(shards_dir, StreamSpec(pixel_budget=BUDGET, multiple=MULTIPLE))
     batches = list(iter_batches(dataset, 3, epochs=1))
     ids = [i for _, _, batch_ids in batches for i in batch_ids]
@@ -279,7 +273,7 @@ def test_read_shards_yields_bucketed_batches(ray_local, shards_dir):
     assert stats.as_dict() == {"rows_read": 12, "rows_kept": 12, "dropped": {}, "examples": {}}
 
 
-def test_bad_rows_in_a_shard_are_dropped_and_counted(ray_local, tmp_path):
+def test_bad_rows_in_a_shard_are_dropped_and_counted(local_ray, tmp_path):
     rows = [
         ("good1", png(64, 64), ["ok"]),
         ("good2", png(80, 40), ["ok", "also ok"]),
@@ -309,7 +303,7 @@ def test_bad_rows_in_a_shard_are_dropped_and_counted(ray_local, tmp_path):
     assert sorted(got["examples"]["empty_caption"]) == ["blank", "no_captions"]
 
 
-def test_streaming_split_covers_the_rows(ray_local, shards_dir):
+def test_streaming_split_covers_the_rows(local_ray, shards_dir):
     dataset, _ = read_shards(shards_dir, StreamSpec(pixel_budget=BUDGET, rows_per_block=2))
     splits = dataset.streaming_split(2)
     seen = [[], []]
@@ -327,7 +321,7 @@ def test_streaming_split_covers_the_rows(ray_local, shards_dir):
     assert sorted(seen[0] + seen[1]) == sorted(f"{k}{i}" for k in SIZES for i in range(3))
 
 
-def test_webdataset_tars_and_image_folders(ray_local, tmp_path):
+def test_webdataset_tars_and_image_folders(local_ray, tmp_path):
     members = {"a.png": png(64, 64), "a.txt": b"first line\nsecond line\n", "b.jpg": jpeg(96, 48),
                "b.txt": b"a blue jpeg", "c.png": png(64, 64)}  # c has no caption
     with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:

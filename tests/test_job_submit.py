@@ -6,7 +6,8 @@ free ports and a token file of its own (RAY_AUTH_TOKEN_PATH), so it neither touc
 Teardown stops only this head: it signals the process group it started and then any
 process left whose command line or working directory lies under its temp dir (the job
 driver runs in its own session, in the unpacked working dir). `ray stop` is not used:
-it stops every Ray process on the machine.
+it stops every Ray process on the machine. Not conftest.local_ray: `ray job submit` needs
+a head with a dashboard, started as its own process.
 """
 
 import json

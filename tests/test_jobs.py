@@ -25,6 +25,8 @@ PROMPT = "a red circle on a white background"
 
 
 def run_job(script, *args, timeout=300):
+    """jobs/<script> in a fresh process. One that needs Ray (preview_teacher.py) starts its own
+    local instance there; this module has no local_ray, so no Ray of the tests runs beside it."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *map(str, args)],

@@ -66,7 +66,8 @@ def test_allowed_placements_pass(name):
 def test_placement_refusals_fail_jobs_train_before_ray_starts(tmp_path, monkeypatch):
     """jobs/train.py --config configs/tiny.yaml <overrides>: exit 2, one `error:` line naming
     the fields, Ray never started, nothing written."""
-    monkeypatch.setenv("RAY_ADDRESS", "local")  # as test_config: a local Ray would be started here
+    # as test_config: a local Ray would be started here; no local_ray, Ray must not start at all
+    monkeypatch.setenv("RAY_ADDRESS", "local")
     out = f"train.output_dir={tmp_path / 'runs'}"
     results, stderr = run_train_main([["--config", str(TINY), out, *overrides] for overrides, _ in REFUSED.values()])
     for (name, (_, named)), got in zip(REFUSED.items(), results, strict=True):

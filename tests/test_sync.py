@@ -1,6 +1,6 @@
 """Weight sync: bucketing, the object-store and collective transports, ZeRO-3 gathering.
 
-Real local Ray (2 CPUs). The test actors ask for 0 CPUs, so a learner, two workers
+The module's local Ray (conftest.local_ray). The test actors ask for 0 CPUs, so a learner, two workers
 and the two DeepSpeed ranks fit; DeepSpeed runs ZeRO-3 on its CPU accelerator over gloo.
 """
 
@@ -45,13 +45,6 @@ def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
         "block.0.steps": torch.arange(5),
         "head.weight": torch.randn(3, 8, generator=g),
     }
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 # -- buckets -------------------------------------------------------------------------------

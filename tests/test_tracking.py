@@ -34,7 +34,7 @@ def steps_of(client, run_id, key):
 
 
 def test_run_is_created_with_config_params_then_resumed(make_cfg):
-    cfg = make_cfg("train.validation_prompts=[a red cube, a blue sphere]")
+    cfg = make_cfg("lora.targets=[to_q, to_k]")  # a list-valued param too
     run_dir = cfg.run_dir.resolve()
     assert tracking_uri(cfg) == f"sqlite:///{run_dir}/mlflow.db"
 
