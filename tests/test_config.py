@@ -215,52 +215,54 @@ def config_reads(sources: dict[str, str]) -> set[str]:
     def is_validator(fn):
         return any("validator" in ast.unparse(d) for d in getattr(fn, "decorator_list", ()))
 
-    aliases = {}  # (scope, name) -> section, or "" for the whole config
+    # (scope, name) -> the sections it may hold ("" for the whole config): sets that only grow,
+    # so the fixed point below ends even where different calls pass different sections
+    aliases: dict = {}
 
-    def lookup(name, scope):
+    def lookup(name, scope) -> set:
         while scope is not None:
             if (scope, name) in aliases:
                 return aliases[scope, name]
             if name == "self" and klass.get(scope) is not None and parent.get(scope) is not None:
                 cls = klass[scope]
                 if cls == "Config":
-                    return ""
+                    return {""}
                 if cls in by_class and not is_validator(scope):
-                    return by_class[cls]
+                    return {by_class[cls]}
             scope = parent[scope]
-        return "" if name == "cfg" else None
+        return {""} if name == "cfg" else set()
 
-    def section_of(expr, scope):
-        """The section `expr` holds, "" for the whole config, None for anything else."""
+    def section_of(expr, scope) -> set:
+        """The sections `expr` may hold, "" for the whole config; empty for anything else."""
         if isinstance(expr, ast.Name):
             return lookup(expr.id, scope)
         if isinstance(expr, ast.Attribute):
             if expr.attr == "cfg":
-                return ""
-            if expr.attr in sections and section_of(expr.value, scope) == "":
-                return expr.attr
-        return None
+                return {""}
+            if expr.attr in sections and "" in section_of(expr.value, scope):
+                return {expr.attr}
+        return set()
 
-    def annotated(arg):
+    def annotated(arg) -> set:
         if arg.annotation is None:
-            return None
+            return set()
         name = ast.unparse(arg.annotation).strip("'\"").split(".")[-1]
-        return "" if name == "Config" else by_class.get(name)
+        return {""} if name == "Config" else {by_class[name]} if name in by_class else set()
 
     for fns in functions.values():
         for fn in fns:
             for arg in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]:
-                if (s := annotated(arg)) is not None:
-                    aliases[fn, arg.arg] = s
+                if found := annotated(arg):
+                    aliases[fn, arg.arg] = found
 
     changed = True
     while changed:
         changed = False
 
-        def bind(key, section):
+        def bind(key, found: set):
             nonlocal changed
-            if section is not None and aliases.get(key) != section:
-                aliases[key] = section
+            if found and not found <= aliases.get(key, set()):
+                aliases[key] = aliases.get(key, set()) | found
                 changed = True
 
         for tree in trees.values():
@@ -293,8 +295,9 @@ def config_reads(sources: dict[str, str]) -> set[str]:
                 section, key = section_of(node.args[0], scope), node.args[1].value
             else:
                 continue
-            if section and key in sections[section].model_fields:
-                reads.add(f"{section}.{key}")
+            for one in section:
+                if one and key in sections[one].model_fields:
+                    reads.add(f"{one}.{key}")
     return reads
 
 
