@@ -605,14 +605,14 @@ def step_times(device: str, work: Path, warmup: int, repeats: int) -> dict:
     """SFT and D-OPSD (the recipe: K=4, colocated_loss) side by side: loss + backward + AdamW step."""
     from dopsd_ray.algorithms.schedules import RECIPE_4STEP
     from dopsd_ray.algorithms.steps import Batch, colocated_loss
-    from dopsd_ray.config import AlgorithmConfig, LoraConfig
+    from dopsd_ray.config import AlgorithmConfig, LoraSettings
     from dopsd_ray.families.zimage import LORA_TARGETS
     from dopsd_ray.weights import make_weights
 
     spec = TIMING[device]
     family = timing_family(spec, device, work)
     parameters = count_parameters(family.transformer)
-    weights = make_weights(family.transformer, LoraConfig(rank=spec["lora_rank"], alpha=spec["lora_alpha"]),
+    weights = make_weights(family.transformer, LoraSettings(rank=spec["lora_rank"], alpha=spec["lora_alpha"]),
                            LORA_TARGETS)
     trainable = weights.trainable_parameters()
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from benchmarks.bench_model import build_bench_zimage, count_parameters  # noqa: E402
 from dopsd_ray.algorithms.schedules import RECIPE_4STEP  # noqa: E402
 from dopsd_ray.algorithms.steps import Batch, colocated_loss, experience_loss, make_experience  # noqa: E402
-from dopsd_ray.config import AlgorithmConfig, LoraConfig  # noqa: E402
+from dopsd_ray.config import AlgorithmConfig, LoraSettings  # noqa: E402
 from dopsd_ray.families.zimage import LORA_TARGETS, ZImageFamily  # noqa: E402
 from dopsd_ray.weights import EmaTeacher, make_weights  # noqa: E402
 
@@ -102,7 +102,7 @@ def micro_benchmark(args, model_path: Path) -> dict:
         model_path, dtype=dtype, device=args.device, max_sequence_length=64, teacher_max_sequence_length=128,
         vlm_min_pixels=1024, vlm_max_pixels=4096)
     base_parameters = count_parameters(family.transformer)
-    lora = LoraConfig(enabled=not args.full, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+    lora = LoraSettings(enabled=not args.full, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
     weights = make_weights(family.transformer, lora, LORA_TARGETS)
     trainable = weights.trainable_parameters()
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)

@@ -81,7 +81,8 @@ class ModelConfig(Section):
         return self
 
 
-class LoraConfig(Section):
+class LoraSettings(Section):
+    # (not peft's LoraConfig: this is the recipe's `lora:` section, which weights.make_weights turns into one)
     enabled: bool = True  # false: full fine-tuning with a full-parameter EMA teacher
     rank: int = Field(64, ge=1)
     alpha: float = Field(128.0, gt=0)
@@ -197,7 +198,7 @@ class TrackingConfig(Section):
 
 class Config(Section):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(tiny=True))
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)

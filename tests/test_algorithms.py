@@ -8,7 +8,7 @@ from dopsd_ray.algorithms.dopsd import choose_states, dopsd_step
 from dopsd_ray.algorithms.ema import ema_update
 from dopsd_ray.algorithms.schedules import RECIPE_4STEP, training_sigmas
 from dopsd_ray.algorithms.steps import Batch, colocated_loss, experience_loss, make_experience, velocity_fn
-from dopsd_ray.config import AlgorithmConfig, LoraConfig, ModelConfig
+from dopsd_ray.config import AlgorithmConfig, LoraSettings, ModelConfig
 from dopsd_ray.families import load_family
 from dopsd_ray.families.zimage import LORA_TARGETS
 from dopsd_ray.weights import TEACHER, EmaTeacher, FullWeights, LoraWeights, make_weights, state_dict
@@ -210,7 +210,7 @@ def test_repeated_sft_steps_reduce_the_sft_loss(family):
 
 
 def test_full_finetuning_trains_every_weight_and_not_the_teacher(family):
-    w = make_weights(family.transformer, LoraConfig(enabled=False), LORA_TARGETS)
+    w = make_weights(family.transformer, LoraSettings(enabled=False), LORA_TARGETS)
     assert isinstance(w, FullWeights)
     loss, _ = colocated_loss(family, w, Batch(images(), CAPTIONS, ["a", "b"]), SIGMAS, AlgorithmConfig())
     loss.backward()
@@ -263,7 +263,7 @@ def test_bad_inputs_fail_clearly(family, tiny_dir):
 def test_full_finetuning_exports_a_transformer_folder_from_pretrained_loads(family, tmp_path):
     from diffusers import ZImageTransformer2DModel
 
-    w = make_weights(family.transformer, LoraConfig(enabled=False), LORA_TARGETS)
+    w = make_weights(family.transformer, LoraSettings(enabled=False), LORA_TARGETS)
     with torch.no_grad():
         next(iter(w.trainable_parameters())).add_(0.5)
     folder = w.export(tmp_path / "transformer")
