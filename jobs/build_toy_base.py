@@ -27,10 +27,15 @@ def main(argv=None) -> int:
     parser.add_argument("--pool-size", type=int, default=1536, help="teacher trajectories for distillation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figure-samples", type=int, default=192,
+                        help="prompts sampled for base_figures.json and base_samples.png (at least 8; fewer: "
+                             "faster, noisier figures)")
     args = parser.parse_args(argv)
+    if args.figure_samples < 8:
+        parser.error("--figure-samples must be at least 8 (the sample grid has 8 columns)")
     torch.set_num_threads(args.threads)
     figures = build_base(Path(args.out), args.flow_minutes, args.distill_minutes, args.batch_size, args.seed,
-                         args.pool_size, log=lambda m: print(m, flush=True))
+                         args.pool_size, log=lambda m: print(m, flush=True), figure_samples=args.figure_samples)
     print(json.dumps({k: v for k, v in figures.items() if k in ("flow", "distilled")}, indent=2))
     print(f"wrote {args.out}")
     return 0

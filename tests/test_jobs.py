@@ -1,9 +1,13 @@
-"""The user-facing entry scripts, each run as a subprocess: jobs/sample.py and jobs/preview_teacher.py."""
+"""The user-facing entry scripts, each run as a subprocess: jobs/sample.py, jobs/preview_teacher.py,
+jobs/build_toy_base.py and jobs/miniature.py (jobs/train.py: tests/test_job_submit.py and
+tests/test_config.py; jobs/prepare_data.py: tests/test_data.py)."""
 
+import json
 import math
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +28,13 @@ SIZE, SEED = 32, 3
 PROMPT = "a red circle on a white background"
 
 
-def run_job(script, *args, timeout=300):
-    """jobs/<script> in a fresh process. One that needs Ray (preview_teacher.py) starts its own
-    local instance there; this module has no local_ray, so no Ray of the tests runs beside it."""
+def run_job(script, *args, timeout=300, ray_address=None):
+    """jobs/<script> in a fresh process. One that needs Ray (preview_teacher.py, miniature.py)
+    starts its own local instance there; this module has no local_ray, so no Ray of the tests
+    runs beside it. ray_address="local": a new local Ray even where `ray start` left one."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address is not None:
+        env["RAY_ADDRESS"] = ray_address
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
@@ -137,3 +144,45 @@ def test_preview_teacher_errors_name_the_problem(tmp_path):
     assert r.returncode == 2 and "--num must be at least 1" in r.stderr, r.stderr
     r = run_job("preview_teacher.py", f"train.output_dir={tmp_path}", f"data.path={tmp_path / 'nope'}", timeout=60)
     assert r.returncode == 2 and "data.path" in r.stderr and "does not exist" in r.stderr, r.stderr[-2000:]
+
+
+def test_build_toy_base_writes_a_loadable_base(tmp_path):
+    """jobs/build_toy_base.py at a few seconds per stage, with the committed evaluator (it is
+    reused when the output folder has one; training one takes minutes)."""
+    from dopsd_ray.config import TOY_BASE_DIR
+    from dopsd_ray.families.toy import ToyFamily
+
+    out = tmp_path / "toy"
+    out.mkdir()
+    shutil.copy(TOY_BASE_DIR / "evaluator.safetensors", out)
+    r = run_job("build_toy_base.py", "--out", out, "--flow-minutes", 0.02, "--distill-minutes", 0.02,
+                "--pool-size", 64, "--batch-size", 8, "--threads", 1, "--figure-samples", 8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"wrote {out}" in r.stdout
+    figures = json.loads((out / "base_figures.json").read_text())
+    assert figures["flow_steps"] > 0 and figures["distill_steps"] > 0
+    for model in ("flow", "distilled"):
+        assert 0 <= figures[model]["4_steps"]["accuracy"] <= 1
+    assert Image.open(out / "base_samples.png").width > 0
+    family = ToyFamily.from_pretrained(out)  # the student, as the trainer loads models/toy
+    assert family.transformer is not None and (out / "flow" / "model_index.json").is_file()
+
+    r = run_job("build_toy_base.py", "--out", tmp_path / "x", "--figure-samples", 4, timeout=60)
+    assert r.returncode == 2 and "--figure-samples must be at least 8" in r.stderr, r.stderr[-2000:]
+
+
+def test_miniature_trains_and_scores_one_method(tmp_path):
+    """jobs/miniature.py: D-OPSD on the committed toy base for 2 steps, one seed, through the
+    real driver (its own local Ray in the subprocess), then scored against base and teacher."""
+    out = tmp_path / "mini"
+    r = run_job("miniature.py", "--methods", "dopsd", "--seeds", 0, "--threads", 1, "--out", out,
+                "train.steps=2", "train.sample_every=1000", "train.checkpoint_every=1000", ray_address="local")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert {"base", "teacher", "dopsd"} <= results.keys() and "sft" not in results
+    assert results["overrides"] == ["train.steps=2", "train.sample_every=1000", "train.checkpoint_every=1000"]
+    for metric in ("concept", "quality", "confidence", "prior"):
+        assert len(results["dopsd"][metric]["runs"]) == 1 and 0 <= results["dopsd"][metric]["mean"] <= 1
+    assert (out / "runs" / "dopsd-seed0" / "export").is_dir()
+    assert Image.open(out / "samples.png").width > 0
+    assert not (out / "table.md").exists()  # the table compares both methods

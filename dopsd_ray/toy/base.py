@@ -190,7 +190,7 @@ def load_or_train_evaluator(path: Path, seed: int = 0, log=print) -> Evaluator:
 
 
 def build_base(out: Path, flow_minutes: float, distill_minutes: float, batch_size: int = 32, seed: int = 0,
-               pool_size: int = 1536, log=print) -> dict:
+               pool_size: int = 1536, log=print, figure_samples: int = 192) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -207,23 +207,24 @@ def build_base(out: Path, flow_minutes: float, distill_minutes: float, batch_siz
     pool = record_trajectories(family, flow, pool_size, 64, seed + 2, log=log)
     student, distill_steps = distill(family, flow, distill_minutes, batch_size, seed, pool, log=log)
     family.save_pretrained(out, transformer=student)
-    figures = write_figures(out, family, flow, student, seed, log)
+    figures = write_figures(out, family, flow, student, seed, log, figure_samples)
     figures.update({"flow_steps": flow_steps, "distill_steps": distill_steps, "batch_size": batch_size,
                     "minutes": round((time.monotonic() - t0) / 60, 1)})
     (out / "base_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
 
-def write_figures(out: Path, family, flow, student, seed: int = 0, log=print) -> dict:
+def write_figures(out: Path, family, flow, student, seed: int = 0, log=print, figure_samples: int = 192) -> dict:
     """The evaluator (trained unless `out` has one) and a sample grid (base_samples.png)
-    in `out`; returns the flow model's and the student's figures, for base_figures.json."""
+    in `out`; returns the flow model's and the student's figures on `figure_samples` prompts, for
+    base_figures.json."""
     from ..grid import sample_grid
 
     evaluator = load_or_train_evaluator(out / "evaluator.safetensors", seed, log)
     images, items = rendered_batch(512, torch.Generator().manual_seed(seed + 99))
     clean = evaluate(evaluator, images, items)
     log(f"evaluator on 512 fresh renders: accuracy {clean['accuracy']:.3f}, palette share {clean['palette_share']:.3f}")
-    figures, samples = base_figures(family, evaluator, {"flow": flow, "distilled": student})
+    figures, samples = base_figures(family, evaluator, {"flow": flow, "distilled": student}, n=figure_samples)
     figures.update({"evaluator_on_renders": clean, "unet_parameters": sum(p.numel() for p in student.parameters()),
                     "sigmas_4_steps": family.inference_sigmas(INFERENCE_STEPS, world.SIZE, world.SIZE).tolist()})
     cols = 8
