@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dopsd_ray.toy.base import build_base  # noqa: E402
+from dopsd_ray.toy.build import build_base  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ from dopsd_ray.config import TOY_BASE_DIR, load_config  # noqa: E402
 from dopsd_ray.families.toy import INFERENCE_STEPS, ToyFamily  # noqa: E402
 from dopsd_ray.grid import sample_grid  # noqa: E402
 from dopsd_ray.toy import world  # noqa: E402
-from dopsd_ray.toy.base import render_items, sample  # noqa: E402
+from dopsd_ray.toy.build import render_items, sample  # noqa: E402
 from dopsd_ray.toy.concept import Concept, prior_items, write_concept_dataset  # noqa: E402
 from dopsd_ray.toy.evaluator import Evaluator, evaluate, palette_share, predict  # noqa: E402
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dopsd_ray.config import TOY_BASE_DIR
 from dopsd_ray.families.toy import INFERENCE_STEPS, LORA_TARGETS, ToyFamily, ToyPipeline, build_tiny_toy
 from dopsd_ray.toy import world
-from dopsd_ray.toy.base import distill, record_trajectories, render_items, sample, train_flow
+from dopsd_ray.toy.build import distill, record_trajectories, render_items, sample, train_flow
 from dopsd_ray.toy.concept import Concept, class_items, prior_items, write_concept_dataset
 from dopsd_ray.toy.evaluator import Evaluator, evaluate, palette_share, rendered_batch
 from dopsd_ray.weights import LoraWeights, state_dict

@@ -2,5 +2,5 @@
 
 world.py     procedurally drawn shapes x colours x backgrounds, with captions
 evaluator.py a small classifier trained on rendered images, and the metrics
-base.py      builds the base: a flow-matching model, then a 4-step distilled student
+build.py     builds the base: a flow-matching model, then a 4-step distilled student
 """
