@@ -33,7 +33,7 @@ step statistics) goes through ranks.LearnerRanks, on the learner's device.
 GPU memory at scale (6-9B): encoders load onto the GPU, the transformer stays on the
 CPU until DeepSpeed places it; with LoRA the frozen base is kept out of ZeRO-3's
 partitioning (weights.LoraWeights.base_as_buffers) so it is not re-gathered for every
-forward; experiences arrive as CPU tensors and are moved here (tensors.to_device).
+forward; experiences arrive as CPU tensors and are moved here (Experience.to).
 """
 
 import math
@@ -190,14 +190,15 @@ class Learner:
         if cfg.model.gradient_checkpointing:
             self.family.transformer.enable_gradient_checkpointing()
         self.weights = make_weights(self.family.transformer, cfg.lora, lora_targets(cfg.model.family))
-        if self.weights.base_as_buffers():  # LoRA: the frozen base stays whole on every rank, outside ZeRO
+        frozen_base = self.weights.base_as_buffers() > 0
+        if frozen_base:  # LoRA: the frozen base stays whole on every rank, outside ZeRO
             self.weights.module.to(self.device)  # (the adapters are small)
 
         # the checkpoint Ray Train resumes from, if complete; else the newest complete one in storage
         resume = usable_checkpoint(ray.train.get_checkpoint(), self.experiment_dir())
         state = load_checkpoint(resume, self.weights, self.rank, self.world) if resume else None
         ds_config = deepspeed_config(cfg)
-        if cfg.runtime.zero_stage == 3 and not cfg.lora.enabled:
+        if cfg.runtime.zero_stage == 3 and not frozen_base:
             # Partition the CPU copy one parameter at a time, each moved to this GPU only for its own
             # partitioning: without this, deepspeed.initialize moves the whole module (student and
             # EMA teacher) onto every GPU first.

@@ -51,7 +51,8 @@ class Weights(Protocol):
 
     def base_as_buffers(self) -> int: ...
 
-    def export(self, path: str | Path, pipeline_class=None, state: dict | None = None) -> Path: ...
+    def export(self, path: str | Path, pipeline_class=None, state: dict | None = None,
+               comfyui: tuple[dict, dict] | None = None) -> Path: ...
 
 
 class LoraWeights:
