@@ -137,6 +137,10 @@ class DataConfig(Section):
     # fewer, longer epochs instead of one data pipeline restart per step. The decoded
     # dataset is then held in the object store: meant for small datasets.
     repeats: int = Field(1, ge=1)
+    # Compute every pair's student and teacher context once, before training, into
+    # <run dir>/context_cache (dopsd_ray/contexts.py); learners and rollout workers then read
+    # them and free their text encoder and VLM. For small datasets: the fill visits every row.
+    cache_contexts: bool = False
 
 
 class TrainConfig(Section):

@@ -1,6 +1,7 @@
 """The driver: a short script of visible Ray calls.
 
     data     = read_shards(...)                               Ray Data
+    contexts = fill_context_cache(...)   (data.cache_contexts) a task on the learner's resources
     workers  = [RolloutWorker actor] * n                      disaggregated only
     publisher, store = weight_sync(rt, workers)               object store | collective
     learner  = TorchTrainer(train_loop_per_worker, ...)       Ray Train + DeepSpeed
@@ -16,6 +17,7 @@ that fails ends its MLflow run as FAILED.
 
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import ray
@@ -25,6 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
 
 from .config import Config, RuntimeConfig
+from .contexts import fill_context_cache
 from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .families import build_tiny
 from .learner import LearnerInputs, train_loop_per_worker
@@ -33,6 +36,12 @@ from .rollout import RolloutWorker
 from .sync.collective import CollectivePublisher
 from .sync.object_store import StorePublisher, WeightStore
 from .tracking import MlflowRun, tracking_uri
+
+
+def placement(resources: dict[str, float]) -> dict:
+    """Ray options that place a task or an actor on `resources` (runtime.*_resources)."""
+    return {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0),
+            "resources": {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}}
 
 
 def weight_sync(rt: RuntimeConfig, workers: list) -> tuple:
@@ -71,23 +80,34 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     # 1. data (in a fixed order, so runs with the same seeds see the same batches)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset, data_stats = read_shards(cfg.data.path or bundled_dataset_path(), cfg)
+    pairs = dataset  # every row once
     if cfg.data.repeats > 1:  # a handful of DreamBooth images: read once, fewer, longer epochs
-        dataset = dataset.materialize()
-        dataset = dataset.union(*[dataset] * (cfg.data.repeats - 1))
+        pairs = dataset.materialize()
+        dataset = pairs.union(*[pairs] * (cfg.data.repeats - 1))
     validation = take_validation(dataset, cfg)
+    rt = cfg.runtime
+
+    # 1b. every pair's contexts, computed once before training (learners and workers then free their encoders)
+    contexts = None
+    if cfg.data.cache_contexts:
+        fill = ray.remote(fill_context_cache).options(**placement(rt.learner_resources))
+        contexts = ray.get(fill.remote(cfg.model_dump(mode="json"), model_path, pairs, str(run_dir / "context_cache")))
+        print(f"context cache: {contexts.entries} contexts, {contexts.computed} computed now, "
+              f"{contexts.seconds:.1f} s", flush=True)
+        mlflow.log_metrics({"contexts/entries": contexts.entries, "contexts/computed": contexts.computed,
+                            "contexts/fill_seconds": contexts.seconds}, step=0)
 
     # 2. rollout workers (disaggregated modes)
-    inputs = LearnerInputs(cfg.model_dump(mode="json"), model_path, validation, (tracking_uri(cfg), mlflow.run_id))
+    inputs = LearnerInputs(cfg.model_dump(mode="json"), model_path, validation, (tracking_uri(cfg), mlflow.run_id),
+                           contexts=contexts)
     workers, runs, datasets = [], [], {"train": dataset}
-    rt = cfg.runtime
     if rt.mode == "disaggregated":
         queue = Queue(maxsize=rt.buffer_size)
         # a killed worker process is restarted, and its `run` task retried on the new one
         Worker = ray.remote(RolloutWorker).options(
-            max_concurrency=2, max_restarts=-1, max_task_retries=-1,
-            num_cpus=rt.rollout_resources.get("CPU", 0), num_gpus=rt.rollout_resources.get("GPU", 0),
-            resources={k: v for k, v in rt.rollout_resources.items() if k not in ("CPU", "GPU")})
-        workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i) for i in range(rt.num_rollout_workers)]
+            max_concurrency=2, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
+        workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i, contexts)
+                   for i in range(rt.num_rollout_workers)]
         publisher, store = weight_sync(rt, workers)
         # strictly on-policy: each snapshot makes just what the learners consume in one step
         per_version = None if rt.max_staleness > 0 else math.ceil(rt.num_learners / rt.num_rollout_workers)
@@ -130,6 +150,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "final_metrics": result.metrics,
         "data": data_stats.as_dict(),
+        "contexts": None if contexts is None else asdict(contexts),
         "rollout_workers": worker_stats,
         "rollout_restarts": learner.get("counters", {}).get("rollout_restarts", 0),
         "seconds": seconds,

@@ -30,10 +30,11 @@ checkpointing and export; only rank 0 writes, and only rank 0 decodes sample gri
 Every other agreement between ranks (finite loss and gradients, the generation, the
 step statistics) goes through ranks.LearnerRanks, on the learner's device.
 
-GPU memory at scale (6-9B): encoders load onto the GPU, the transformer stays on the
-CPU until DeepSpeed places it; with LoRA the frozen base is kept out of ZeRO-3's
-partitioning (weights.LoraWeights.base_as_buffers) so it is not re-gathered for every
-forward; experiences arrive as CPU tensors and are moved here (Experience.to).
+GPU memory at scale (6-9B): encoders load onto the GPU (and leave it at once with
+data.cache_contexts: contexts.py), the transformer stays on the CPU until DeepSpeed places
+it; with LoRA the frozen base is kept out of ZeRO-3's partitioning
+(weights.LoraWeights.base_as_buffers) so it is not re-gathered for every forward;
+experiences arrive as CPU tensors and are moved here (Experience.to).
 """
 
 import math
@@ -52,6 +53,7 @@ from .algorithms.schedules import training_sigmas
 from .algorithms.steps import Batch, RolloutRestart, colocated_loss, experience_loss
 from .checkpoint import load_checkpoint, ray_upload_fn, save_checkpoint, usable_checkpoint, checkpoint_dir_name
 from .config import Config
+from .contexts import ContextCache, cached_contexts
 from .data.stream import iter_batches
 from .families import comfyui_keys, lora_targets, load_family, pipeline_class
 from .families.base import Family
@@ -73,6 +75,7 @@ class LearnerInputs:
     tracking: tuple[str, str] | None = None  # (tracking_uri, run_id) of the driver's MLflow run
     weight_sync: WeightPublisher | None = None  # disaggregated: learner rank 0's end of the transport
     experience_queue: Any = None  # disaggregated: the ray.util.queue.Queue rollout workers fill
+    contexts: ContextCache | None = None  # data.cache_contexts: the filled cache
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -167,6 +170,7 @@ class Learner:
         self.queue = inputs.experience_queue  # disaggregated: where experiences come from
         self.validation = inputs.validation
         self.tracking = inputs.tracking
+        self.contexts = inputs.contexts
         self.step = 0
         self.consecutive_skips = 0  # non-finite steps in a row
         self.counters = {"skipped_nonfinite": 0, "dropped_stale": 0, "sync_checked": 0, "rollout_restarts": 0}
@@ -187,6 +191,8 @@ class Learner:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         # encoders onto the GPU; the transformer stays on the CPU until DeepSpeed places it
         self.family = load_family(cfg.model, self.model_path, device=self.device, transformer_device="cpu")
+        if self.contexts is not None:  # every context is in the cache: the encoders leave the GPU
+            self.family = cached_contexts(self.family, self.contexts)
         if cfg.model.gradient_checkpointing:
             self.family.transformer.enable_gradient_checkpointing()
         self.weights = make_weights(self.family.transformer, cfg.lora, lora_targets(cfg.model.family))
@@ -246,6 +252,8 @@ class Learner:
             self.log_samples()
         if self.resumed_from is not None and self.mlflow:
             self.mlflow.log_metrics({"learner/resumed_from_step": self.resumed_from}, step=self.step)
+        if self.contexts is not None and self.mlflow:
+            self.mlflow.log_metrics({"memory/encoders_released_gb": self.family.released_bytes / 1e9}, step=self.step)
         batches = self.batches()
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()

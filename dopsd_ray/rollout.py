@@ -49,6 +49,7 @@ from ray.util.queue import Full
 from .algorithms.schedules import training_sigmas
 from .algorithms.steps import Batch, RolloutRestart, make_experience
 from .config import Config
+from .contexts import ContextCache, cached_contexts
 from .data.stream import iter_batches
 from .families import lora_targets, load_family
 from .sync.buckets import weights_digest
@@ -70,7 +71,7 @@ class RolloutWorker:
     family: Family
     weights: Weights
 
-    def __init__(self, config: dict, model_path: str, index: int):
+    def __init__(self, config: dict, model_path: str, index: int, contexts: ContextCache | None = None):
         self.cfg = Config.model_validate(config)
         if self.cfg.runtime.torch_threads:
             torch.set_num_threads(self.cfg.runtime.torch_threads)
@@ -78,6 +79,9 @@ class RolloutWorker:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(self.cfg.train.seed)
         self.family = load_family(self.cfg.model, model_path, device=device)
+        self.contexts = contexts
+        if contexts is not None:  # data.cache_contexts: contexts are read, the encoders leave the GPU
+            self.family = cached_contexts(self.family, contexts)
         self.weights = make_weights(self.family.transformer, self.cfg.lora, lora_targets(self.cfg.model.family),
                                     with_teacher=self.cfg.runtime.teacher_targets == "rollout")
         self.weights.module.requires_grad_(False)
@@ -183,7 +187,8 @@ class RolloutWorker:
             exp = self.rollout(Batch(images, captions, ids, index=index, stream=self.index, seed=cfg.train.seed))
             index += 1
             self.put(queue, exp)
-        return dict(self.stats, version=self.version, restarted=self.restarted)
+        cache = {"context_hits": self.family.hits, "encoders_released_bytes": self.family.released_bytes}
+        return dict(self.stats, version=self.version, restarted=self.restarted, **(cache if self.contexts else {}))
 
     def put(self, queue, item) -> None:
         """Into the bounded queue; blocks while the learner is behind, but notices stop()."""

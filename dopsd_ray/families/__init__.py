@@ -7,6 +7,8 @@ Every family module has the same surface:
     TEACHER_CONTEXTS  the teacher contexts it can build, its default first
     INFERENCE_STEPS   its deployed few-step setting
     COMFYUI_BLOCKS, COMFYUI_MODULES   diffusers -> ComfyUI native LoRA names (None: no ComfyUI model)
+    CONTEXT_FILES     the pipeline's subfolders whose files make contexts (contexts.py fingerprints them)
+    default_teacher_vlm(path)   the teacher VLM when model.teacher_vlm_path is unset (families with "vlm")
     build_tiny(path, seed, model_cfg)                          a tiny random pipeline saved under path
     from_config(model_cfg, path, device, transformer_device)   the family loaded from path
 

@@ -14,6 +14,7 @@ contexts are family-specific objects the algorithm only passes through. Contexts
 must be picklable (they travel through Ray's object store) and support `.to()`.
 """
 
+import gc
 from typing import Any, Protocol
 
 import torch
@@ -26,7 +27,7 @@ class Family(Protocol):
     name: str
     transformer: nn.Module  # the denoiser; LoRA adapters or full training act on it
     pixel_multiple: int  # image sides must be a multiple of this
-    device: torch.device  # where the denoiser and encoders live; callers move inputs there
+    device: torch.device  # where the encoders and the VAE live; callers move inputs there
 
     # -- contexts (always computed without grad) --------------------------------
     def student_context(self, captions: list[str]) -> Any:
@@ -34,6 +35,12 @@ class Family(Protocol):
 
     def teacher_context(self, captions: list[str], images: torch.Tensor) -> Any:
         """Multimodal context of (caption, target image); images in [-1, 1], (B, 3, H, W)."""
+
+    def release_encoders(self) -> int:
+        """Drop the frozen modules that only make contexts (text encoder, VLM, vision encoder)
+        once every context this process needs is cached (contexts.py); returns the bytes of
+        parameters and buffers dropped. Contexts cannot be computed here afterwards; the
+        denoiser, the VAE and `device` stay."""
 
     # -- the denoiser ------------------------------------------------------------
     def velocity(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
@@ -78,6 +85,24 @@ def torch_dtype(name: str) -> torch.dtype:
 def module_dtype(model: nn.Module) -> torch.dtype:
     dtype = getattr(model, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
+
+
+def tensor_bytes(*modules: nn.Module | None) -> int:
+    """Bytes of the parameters and buffers of `modules`, each storage counted once (the VLM's
+    language model shares the text encoder's parameters)."""
+    storages = {}
+    for module in modules:
+        for t in [] if module is None else [*module.parameters(), *module.buffers()]:
+            storages[t.untyped_storage().data_ptr(), t.device] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def free_memory() -> None:
+    """Give back the memory of modules just dropped: collect them now, and return the GPU's
+    cached blocks, so other processes (and nvidia-smi) see it free."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def freeze(module: nn.Module) -> nn.Module:

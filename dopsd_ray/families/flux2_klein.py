@@ -48,12 +48,15 @@ from torch.nn import functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from ..algorithms.schedules import static_shift
-from .base import check_image_batch, freeze, module_dtype, torch_dtype
+from .base import check_image_batch, free_memory, freeze, module_dtype, tensor_bytes, torch_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import VLMEncoder, build_tiny_vlm, select_hidden_states
 
 PIPELINE_CLASS = Flux2KleinPipeline
 TEACHER_CONTEXTS = ("reference", "vlm")  # the released klein recipe's first (module docstring)
+# The pipeline's subfolders that make contexts (the VAE encodes the reference image), with the
+# teacher VLM's folder for "vlm": contexts.py fingerprints their files.
+CONTEXT_FILES = ("text_encoder", "tokenizer", "vae")
 INFERENCE_STEPS = 4  # klein's native few-step setting
 # How users run the stock pipeline (jobs/sample.py): 4 steps, guidance 1.0 (distilled).
 STOCK_SAMPLING = {"guidance_scale": 1.0, "num_inference_steps": INFERENCE_STEPS}
@@ -236,21 +239,14 @@ class Flux2KleinFamily:
         settings: __init__'s keyword settings (teacher_context, max_sequence_length, ...),
         passed on as they are, so their defaults live in one place.
         teacher_vlm_path (only used with teacher_context="vlm", loaded on first use)
-        defaults to `path/teacher_vlm` when that exists (tiny builds), otherwise to the
-        Qwen3-VL sibling of the variant whose joint_attention_dim matches (VARIANTS).
+        defaults to default_teacher_vlm(path).
         transformer_device (default: device) is "cpu" on DeepSpeed learners, which place the
         transformer themselves.
         """
         pipe = Flux2KleinPipeline.from_pretrained(str(path), dtype=dtype)
         pipe.vae.to(device), pipe.text_encoder.to(device), pipe.transformer.to(transformer_device or device)
         if teacher_vlm_path is None:
-            local = Path(path) / TINY_VLM_DIR
-            if local.is_dir():
-                teacher_vlm_path = local
-            else:
-                dim = pipe.transformer.config.joint_attention_dim
-                teacher_vlm_path = next((v.teacher_vlm for v in VARIANTS.values() if v.joint_attention_dim == dim),
-                                        None)
+            teacher_vlm_path = default_teacher_vlm(path)
         return cls(
             transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
             scheduler=pipe.scheduler, is_distilled=bool(pipe.config.get("is_distilled", True)),
@@ -259,9 +255,17 @@ class Flux2KleinFamily:
 
     @property
     def device(self) -> torch.device:
-        return self.text_encoder.device
+        return self.vae.device  # (the encoders' too, until release_encoders)
 
     # -- contexts ----------------------------------------------------------------------
+
+    def release_encoders(self) -> int:
+        """Drop the text encoder and the VLM (which shares its language model); the VAE stays
+        (it makes SFT's latents and decodes samples)."""
+        freed = tensor_bytes(self.text_encoder, self._vlm.model if self._vlm else None)
+        self.text_encoder = self._vlm = None
+        free_memory()
+        return freed
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Flux2KleinPipeline's prompt encoding: (B, L, n_layers * D) features, attention mask."""
@@ -468,6 +472,16 @@ class Flux2KleinFamily:
                 self.check_images(image.unsqueeze(0))
             return
         check_image_batch(images, self.pixel_multiple, "FLUX.2")
+
+
+def default_teacher_vlm(path: str | Path) -> str | None:
+    """The teacher VLM when none is configured: `path/teacher_vlm` (tiny builds), else the Qwen3-VL
+    sibling of the variant whose joint_attention_dim the transformer has (VARIANTS), if any."""
+    local = Path(path) / TINY_VLM_DIR
+    if local.is_dir():
+        return str(local)
+    dim = Flux2Transformer2DModel.load_config(str(path), subfolder="transformer")["joint_attention_dim"]
+    return next((v.teacher_vlm for v in VARIANTS.values() if v.joint_attention_dim == dim), None)
 
 
 def from_config(model_cfg, path: str | Path, device: str | torch.device = "cpu",

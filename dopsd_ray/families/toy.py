@@ -36,9 +36,10 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerF
 
 from ..algorithms.schedules import static_shift
 from ..config import TOY_BASE_DIR
-from .base import check_image_batch, freeze, module_dtype, torch_dtype
+from .base import check_image_batch, free_memory, freeze, module_dtype, tensor_bytes, torch_dtype
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 TEACHER_CONTEXTS = ("image_tokens",)  # caption tokens + image tokens of the target
+CONTEXT_FILES = ("text_encoder", "tokenizer", "vision_encoder")  # what makes contexts (contexts.py fingerprints it)
 INFERENCE_STEPS = 4
 COMFYUI_BLOCKS = COMFYUI_MODULES = None  # the toy UNet is no ComfyUI model: a diffusers-format LoRA file only
 HIDDEN = 64  # text and image token width = the UNet's cross_attention_dim
@@ -133,6 +134,7 @@ class ToyFamily:
         self.max_sequence_length = max_sequence_length
         self.pixel_multiple = PATCH * 2 ** (len(transformer.config.block_out_channels) - 1)
         self.image_size = vision_encoder.config.image_size  # the side the vision encoder reads
+        self.device = text_encoder.device  # where pixels (the latents) go; it outlives release_encoders
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
@@ -160,11 +162,14 @@ class ToyFamily:
         (path / "model_index.json").write_text(json.dumps({"family": "toy", "image_size": self.image_size}) + "\n")
         return path
 
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
-
     # -- contexts ----------------------------------------------------------------------
+
+    def release_encoders(self) -> int:
+        """Drop the text and vision encoders (the toy has no VAE: nothing else is frozen)."""
+        freed = tensor_bytes(self.text_encoder, self.vision_encoder)
+        self.text_encoder = self.vision_encoder = None
+        free_memory()
+        return freed
 
     @torch.no_grad()
     def student_context(self, captions: list[str]) -> ToyContext:

@@ -30,12 +30,15 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
 from ..algorithms.schedules import static_shift
-from .base import check_image_batch, freeze, module_dtype, torch_dtype
+from .base import check_image_batch, free_memory, freeze, module_dtype, tensor_bytes, torch_dtype
 from .tiny_tokenizer import build_tiny_tokenizer
 from .vlm import DEFAULT_VLM, VLMEncoder, build_tiny_vlm, strip_padding
 
 PIPELINE_CLASS = ZImagePipeline
 TEACHER_CONTEXTS = ("vlm",)
+# The pipeline's subfolders that make contexts (with the teacher VLM's folder): contexts.py
+# fingerprints their files.
+CONTEXT_FILES = ("text_encoder", "tokenizer")
 INFERENCE_STEPS = 8  # Turbo's 8 NFE
 # How users run the stock pipeline (jobs/sample.py): 8 steps, no CFG (guidance-distilled).
 STOCK_SAMPLING = {"guidance_scale": 0.0, "num_inference_steps": INFERENCE_STEPS}
@@ -120,15 +123,13 @@ class ZImageFamily:
 
         settings: __init__'s keyword settings (max_sequence_length, ...), passed on as they
         are, so their defaults live in one place.
-        teacher_vlm_path defaults to `path/teacher_vlm` when that exists (tiny builds),
-        otherwise to Qwen/Qwen3-VL-4B-Instruct. transformer_device (default: device) is "cpu"
+        teacher_vlm_path defaults to default_teacher_vlm(path). transformer_device (default: device) is "cpu"
         on DeepSpeed learners, which place the transformer themselves.
         """
         pipe = ZImagePipeline.from_pretrained(str(path), dtype=dtype)
         pipe.vae.to(device), pipe.text_encoder.to(device), pipe.transformer.to(transformer_device or device)
         if teacher_vlm_path is None:
-            local = Path(path) / TINY_VLM_DIR
-            teacher_vlm_path = str(local) if local.is_dir() else DEFAULT_VLM
+            teacher_vlm_path = default_teacher_vlm(path)
         return cls(
             transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
             tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, teacher_vlm_path=str(teacher_vlm_path), **settings,
@@ -136,9 +137,16 @@ class ZImageFamily:
 
     @property
     def device(self) -> torch.device:
-        return self.text_encoder.device
+        return self.vae.device  # (the encoders' too, until release_encoders)
 
     # -- contexts ----------------------------------------------------------------------
+
+    def release_encoders(self) -> int:
+        """Drop the text encoder and the VLM (which shares its language model); the VAE stays."""
+        freed = tensor_bytes(self.text_encoder, self._vlm.model if self._vlm else None)
+        self.text_encoder = self._vlm = None
+        free_memory()
+        return freed
 
     @torch.no_grad()
     def student_context(self, captions: list[str]) -> ZImageContext:
@@ -268,6 +276,12 @@ class ZImageFamily:
 
     def check_images(self, images: torch.Tensor) -> None:
         check_image_batch(images, self.pixel_multiple, "Z-Image")
+
+
+def default_teacher_vlm(path: str | Path) -> str:
+    """The teacher VLM when none is configured: `path/teacher_vlm` (tiny builds), else Qwen3-VL-4B."""
+    local = Path(path) / TINY_VLM_DIR
+    return str(local) if local.is_dir() else DEFAULT_VLM
 
 
 def from_config(model_cfg, path: str | Path, device: str | torch.device = "cpu",
