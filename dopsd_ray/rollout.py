@@ -187,8 +187,10 @@ class RolloutWorker:
             exp = self.rollout(Batch(images, captions, ids, index=index, stream=self.index, seed=cfg.train.seed))
             index += 1
             self.put(queue, exp)
-        cache = {"context_hits": self.family.hits, "encoders_released_bytes": self.family.released_bytes}
-        return dict(self.stats, version=self.version, restarted=self.restarted, **(cache if self.contexts else {}))
+        stats = dict(self.stats, version=self.version, restarted=self.restarted)
+        if self.contexts is not None:  # data.cache_contexts: self.family is a CachedContexts
+            stats.update(context_hits=self.family.hits, encoders_released_bytes=self.family.released_bytes)
+        return stats
 
     def put(self, queue, item) -> None:
         """Into the bounded queue; blocks while the learner is behind, but notices stop()."""

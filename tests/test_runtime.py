@@ -60,9 +60,11 @@ def test_colocated_dopsd_logs_metrics_grid_and_exports(colocated):
     assert run_params["algorithm.name"] == "dopsd" and run_params["runtime.mode"] == "colocated"
 
 
-def test_disaggregated_on_policy_reproduces_colocated_losses(out, colocated):
+def test_disaggregated_on_policy_with_cached_contexts_reproduces_colocated_losses(out, colocated):
+    # contexts from the cache (data.cache_contexts) on the rollout worker and the learner; the
+    # colocated reference computes them: the cache must change nothing
     summary, client = run(out, "onpolicy", "runtime.mode=disaggregated", "runtime.num_rollout_workers=1",
-                          "runtime.max_staleness=0", "runtime.debug_check_sync=true")
+                          "runtime.max_staleness=0", "runtime.debug_check_sync=true", "data.cache_contexts=true")
     ref = history(colocated[1], colocated[0], "loss")
     got = history(client, summary, "loss")
     # same seeds, same data order, same weights at every version: equal up to float noise
@@ -72,7 +74,15 @@ def test_disaggregated_on_policy_reproduces_colocated_losses(out, colocated):
     assert all(v == 0 for _, v in history(client, summary, "staleness"))
     # every experience's weights were exactly the learner's gathered snapshot of its version
     assert history(client, summary, "count/sync_checked")[-1][1] == 3
-    assert summary["rollout_workers"][0]["version"] == 3  # the worker holds the final snapshot
+    worker = summary["rollout_workers"][0]
+    assert worker["version"] == 3  # the worker holds the final snapshot
+    # the fill computed every pair's contexts once; the worker read its 3 batches' (2 pairs each) from
+    # the cache, and it and the learner (sample grids at steps 0 and 3) dropped their encoders
+    contexts = summary["contexts"]
+    assert contexts["entries"] == contexts["computed"] > 0
+    assert worker["context_hits"] >= 3 * 2 * 2 and worker["encoders_released_bytes"] > 0
+    assert history(client, summary, "memory/encoders_released_gb")[0][1] > 0
+    assert history(client, summary, "contexts/entries") == [(0, contexts["entries"])]
 
 
 def test_async_never_trains_on_experiences_older_than_max_staleness(out):
