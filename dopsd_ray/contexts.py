@@ -259,10 +259,13 @@ class CachedContexts:
 
     def __init__(self, family, cache: ContextCache):
         record = read_record(Path(cache.root))
-        found = record["fingerprint"][:12] if record else "no fingerprint.json"
-        if record is None or record["fingerprint"] != cache.fingerprint:
-            raise ValueError(f"context cache {cache.root} holds {found}, not the fill's {cache.fingerprint[:12]} "
-                             "(another run filled it since?): re-run, or set data.cache_contexts=false")
+        if record is None:
+            raise FileNotFoundError(f"context cache {cache.root} is not on this node: put train.output_dir on "
+                                    "storage every node sees, or set data.cache_contexts=false")
+        if record["fingerprint"] != cache.fingerprint:
+            raise ValueError(f"context cache {cache.root} holds {record['fingerprint'][:12]}, not the fill's "
+                             f"{cache.fingerprint[:12]} (another run filled it since?): re-run, or set "
+                             "data.cache_contexts=false")
         self.family, self.cache = family, cache
         self.module = family_module(family.name)  # where the entries' context classes live
         self.hits = 0  # contexts read
