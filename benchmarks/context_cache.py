@@ -140,7 +140,8 @@ def measure(name: str, args, work: Path) -> dict:
     for r in range(args.warmup + args.rounds):
         images, captions, ids = batches[r % len(batches)]
         batch = Batch(images, captions, ids, index=r, seed=cfg.train.seed)
-        sigmas = training_sigmas(cfg.algorithm.training_sigmas, plain, *images.shape[-2:], cfg.algorithm.inference_steps)
+        algo = cfg.algorithm
+        sigmas = training_sigmas(algo.training_sigmas, plain, *images.shape[-2:], algo.inference_steps)
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         losses = {}
         for key in order:
@@ -154,7 +155,8 @@ def measure(name: str, args, work: Path) -> dict:
         if r >= args.warmup:
             contexts_s["computed"].append(context_seconds(plain, batch))
             contexts_s["cached"].append(context_seconds(cached, batch))
-        max_loss_gap = max(max_loss_gap, abs(losses["cached"] - losses["computed"]) / max(abs(losses["computed"]), 1e-12))
+        gap = abs(losses["cached"] - losses["computed"]) / max(abs(losses["computed"]), 1e-12)
+        max_loss_gap = max(max_loss_gap, gap)
     ratios = [c / p for c, p in zip(seconds["cached"], seconds["computed"])]
     result = {
         "family": cfg.model.family,
@@ -195,7 +197,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
         models = {name: measure(name, args, Path(work)) for name in args.models}
-    out = args.out or str(ROOT / "benchmarks" / "results" / f"context_cache-{'gpu' if args.device != 'cpu' else 'cpu'}.json")
+    kind = "cpu" if args.device == "cpu" else "gpu"
+    out = args.out or str(ROOT / "benchmarks" / "results" / f"context_cache-{kind}.json")
     write_result({"args": vars(args), "device": args.device, "cpu_count": psutil.cpu_count(),
                   "torch_threads": torch.get_num_threads(), "models": models}, out, "context_cache")
     return 0
