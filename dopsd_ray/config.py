@@ -9,6 +9,7 @@ with a message naming the field and what is allowed.
 """
 
 import argparse
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,14 +126,39 @@ class OptimConfig(Section):
     max_consecutive_skips: int = Field(10, ge=1)  # non-finite steps in a row before stopping
 
 
+def check_caption_template(template: str) -> str:
+    """data.caption_template holds the field {caption} once and no other format field."""
+    example = "e.g. 'photo of sks, {caption}' (write a literal brace as {{ or }})"
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as err:  # an unpaired brace
+        raise ValueError(f"not a valid template ({err}); {example}") from None
+    for name, spec, conv in fields:
+        if name != "caption" or spec or conv:
+            shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"has the field {shown}; the only field allowed is {{caption}}, {example}")
+    if len(fields) != 1:
+        raise ValueError(f"must contain the field {{caption}} exactly once, found it {len(fields)} times; {example}")
+    return template
+
+
 class DataConfig(Section):
     # Parquet shards (a directory, files, or s3:// URIs) or webdataset tars written by
-    # jobs/prepare_data.py, or a folder of images + .txt captions. None: the bundled
-    # dataset (data/bundled) (for family=toy: the toy concept images, data/toy_concept).
+    # jobs/prepare_data.py; or, read into memory (small sets), a folder of images + .txt
+    # captions, a .jsonl, or a .csv / .parquet table with named columns (data/shards.py).
+    # None: the bundled dataset (data/bundled) (for family=toy: the toy concept images,
+    # data/toy_concept).
     path: str | list[str] | None = None
     pixel_budget: int = Field(1024 * 1024, ge=16 * 16)  # aspect-ratio buckets near this area
     max_aspect_ratio: float = Field(2.0, ge=1.0)
     caption: Literal["random", "first"] = "random"
+    # Every dataset caption goes through this, e.g. "photo of sks, {caption}" for a trigger
+    # word: once, where a row is decoded, so training and the sample grids' pairs alike.
+    caption_template: str | None = None
+    # A .csv / .parquet table's (or a .jsonl's) image and caption columns
+    image_column: str = Field("image", min_length=1)
+    caption_column: str = Field("caption", min_length=1)
     # Each image this many times per epoch: for a handful of images (DreamBooth style),
     # fewer, longer epochs instead of one data pipeline restart per step. The decoded
     # dataset is then held in the object store: meant for small datasets.
@@ -141,6 +167,11 @@ class DataConfig(Section):
     # <run dir>/context_cache (dopsd_ray/contexts.py); learners and rollout workers then read
     # them and free their text encoder and VLM. For small datasets: the fill visits every row.
     cache_contexts: bool = False
+
+    @field_validator("caption_template")
+    @classmethod
+    def _template(cls, template: str | None) -> str | None:
+        return None if template is None else check_caption_template(template)
 
 
 class TrainConfig(Section):

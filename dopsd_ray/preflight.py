@@ -1,12 +1,12 @@
 """Checks that fail fast, before any actor or trainer starts, naming what to fix.
 
 `preflight(cfg)` runs before Ray: it refuses placements that would crawl or fail (a GPU
-learner with CPU-only rollout workers; NCCL ranks that could share a GPU), checks the paths,
-and when this process would start a local Ray (no RAY_ADDRESS, Ray not initialised) it also
-checks the recipe against what that local Ray would have (CPUs, GPUs), so a recipe this
-machine cannot place fails without starting Ray at all. `check_resources(cfg)` checks
-against a running cluster (ray.cluster_resources()), after `ray.init` connected to it and
-before any actor starts.
+learner with CPU-only rollout workers; NCCL ranks that could share a GPU), checks the paths
+(and a CSV / parquet table's named columns), and when this process would start a local Ray
+(no RAY_ADDRESS, Ray not initialised) it also checks the recipe against what that local
+Ray would have (CPUs, GPUs), so a recipe this machine cannot place fails without starting
+Ray at all. `check_resources(cfg)` checks against a running cluster
+(ray.cluster_resources()), after `ray.init` connected to it and before any actor starts.
 (Unknown keys, wrong types, out-of-range values and unsupported teacher contexts fail
 earlier still, in config.load_config.)
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 
 from .config import Config, ConfigError
+from .data.shards import check_table, is_table
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -31,8 +32,15 @@ def check_paths(cfg: Config) -> None:
                           "point it at a diffusers pipeline folder (save_pretrained output)")
     data = cfg.data.path
     for p in ([data] if isinstance(data, str) else data or []):
-        if not p.startswith(("s3://", "gs://", "http://", "https://")) and not Path(p).exists():
+        if p.startswith(("s3://", "gs://", "http://", "https://")):
+            continue
+        if not Path(p).exists():
             raise ConfigError(f"data.path={p!r} does not exist; make shards with jobs/prepare_data.py")
+        if is_table(Path(p)):  # a CSV / parquet table: its named columns must be there
+            try:
+                check_table(Path(p), cfg.data.image_column, cfg.data.caption_column)
+            except ValueError as err:
+                raise ConfigError(f"data.path: {err}") from None
 
 
 def check_placement(cfg: Config) -> None:

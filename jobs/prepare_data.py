@@ -2,12 +2,23 @@
 
     python jobs/prepare_data.py photos/ shards/                  # image.png + image.txt pairs
     python jobs/prepare_data.py captions.jsonl shards/ --rows-per-shard 500
+    python jobs/prepare_data.py pairs.csv shards/ --image-column file --caption-column text
 
-INPUT: a folder of images with same-name .txt captions (one caption per line), or a
-JSONL of {"image": path, "caption": str} / {"image": path, "captions": [str, ...]}
-(paths relative to the JSONL's folder or absolute). Unusable rows (corrupt or huge
-images, missing or empty captions) are skipped and listed with the reason; the shards
-hold the original image bytes. Upload OUT_DIR (e.g. to s3://bucket/shards/) for clusters.
+INPUT is one of:
+  - a folder of images with same-name .txt captions (one caption per line);
+  - a JSONL of {"image": path, "caption": str} / {"image": path, "captions": [str, ...]}
+    (optional "id");
+  - a CSV or parquet file with named columns: --image-column (default "image") and
+    --caption-column (default "caption"), optional "id". A CSV cell holds one caption;
+    a parquet caption cell a string or a list of strings, its image cell a path, the
+    image bytes, or a Hugging Face datasets image {"bytes", "path"}. A JSONL's keys are
+    the same named columns. A missing column fails at once, listing the file's columns.
+Image paths are relative to the JSONL / CSV / parquet file's folder, or absolute.
+Unusable rows (corrupt or huge images, missing images, missing or empty captions) are
+skipped and listed with the reason; the shards hold the original image bytes. Upload
+OUT_DIR (e.g. to s3://bucket/shards/) for clusters. Small sets need no shards: training
+reads the same inputs directly as data.path (with data.image_column / data.caption_column).
+Trigger words are added at training time (data.caption_template), not stored here.
 """
 
 import argparse
@@ -24,12 +35,16 @@ from dopsd_ray.data.shards import DEFAULT_MAX_PIXELS, list_sources, write_shards
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="folder of images + .txt captions, or a .jsonl file")
+    parser.add_argument("input", help="folder of images + .txt captions, or a .jsonl, .csv or .parquet file")
     parser.add_argument("out_dir", help="folder for shard-00000.parquet, ... and summary.json")
     parser.add_argument("--rows-per-shard", type=int, default=1000, help="rows per parquet file (default 1000)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"skip images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
+    parser.add_argument("--image-column", default="image",
+                        help="a .csv / .parquet (or .jsonl) input's image column: paths or image bytes (default image)")
+    parser.add_argument("--caption-column", default="caption",
+                        help="its caption column: a string or a list of strings (default caption)")
     args = parser.parse_args(argv)
     if args.rows_per_shard < 1:
         parser.error("--rows-per-shard must be at least 1")
@@ -38,12 +53,12 @@ def main(argv=None) -> int:
         print(f"error: {args.input} does not exist", file=sys.stderr)
         return 2
     try:
-        sources = list_sources(args.input)
+        sources = list_sources(args.input, args.image_column, args.caption_column)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not sources:
-        print(f"error: nothing found in {args.input}: no images (.png .jpg .jpeg .webp .bmp) or JSONL rows",
+        print(f"error: nothing found in {args.input}: no images (.png .jpg .jpeg .webp .bmp) or JSONL / table rows",
               file=sys.stderr)
         return 1
     try:

@@ -1,8 +1,9 @@
-"""Data path: folders / JSONL -> parquet shards -> Ray Data stream -> bucketed batches.
+"""Data path: folders / JSONL / CSV / parquet tables -> parquet shards -> Ray Data stream -> bucketed batches.
 
 Pure checks first (no Ray); the stream tests share the module's local Ray (conftest.local_ray).
 """
 
+import csv
 import functools
 import io
 import json
@@ -21,11 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import re
 import torch
 from PIL import Image
 
+from dopsd_ray.config import ConfigError, load_config
 from dopsd_ray.data.bundled import write_bundled
-from dopsd_ray.data.shards import SCHEMA, open_image, prepare_shards
+from dopsd_ray.data.shards import SCHEMA, list_sources, load_row, open_image, prepare_shards
+from dopsd_ray.preflight import check_paths
 from dopsd_ray.data.stream import (
     StreamSpec, choose_bucket, decode_batch, decode_row, iter_batches, make_buckets, read_shards,
     bundled_dataset_path, take_validation,
@@ -189,6 +193,96 @@ def test_jsonl_with_several_captions(tmp_path):
     assert summary.examples["bad_json"] == [f"{tmp_path / 'data.jsonl'}:7"]
 
 
+def write_tables(folder: Path) -> dict[str, tuple[Path, dict]]:
+    """The same pairs as a folder, a JSONL, a CSV and two parquet tables (paths / bytes),
+    each with its own bad rows; -> kind: (path, its named columns)."""
+    images = {"one": png(32, 32), "sub/two": png(48, 16, (0, 255, 0))}
+    for name, data in images.items():
+        write_pair(folder / "pairs", name, data, {"one": "a one\nanother one", "sub/two": "a sub/two"}[name])
+        write_pair(folder, name, data, None)  # the tables' images, beside them
+    write_pair(folder / "pairs", "no_txt", png(8, 8), None)
+    with (folder / "data.csv").open("w", newline="") as f:
+        rows = [["one.png", "a one"], ["sub/two.png", "a sub/two"], ["gone.png", "x"], ["one.png", "  "]]
+        csv.writer(f).writerows([["file", "text"], *rows])
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"file": "one.png", "text": ["a one", "another one"]}, {"file": "sub/two.png", "text": "a sub/two"},
+        {"file": "one.png", "id": "no-words"}]))
+    pq.write_table(pa.table({"path": [str(folder / "one.png"), "sub/two.png", None],
+                             "caption": ["a one", "a sub/two", "x"]}), folder / "paths.parquet")
+    pq.write_table(pa.table({"id": ["one", "sub/two", "empty"], "file": list(images.values()) + [png(8, 8)],
+                             "text": [["a one", "another one"], ["a sub/two"], None]}), folder / "bytes.parquet")
+    named = dict(image_column="file", caption_column="text")
+    return {"folder": (folder / "pairs", {}), "csv": (folder / "data.csv", named),
+            "jsonl": (folder / "data.jsonl", named),
+            "parquet_paths": (folder / "paths.parquet", dict(image_column="path")),
+            "parquet_bytes": (folder / "bytes.parquet", named)}
+
+
+def test_every_source_kind_lists_the_same_pairs_and_counts_bad_rows(tmp_path):
+    expected_skips = {"folder": {"missing_caption": 1}, "csv": {"missing_image": 1, "empty_caption": 1},
+                      "jsonl": {"missing_caption": 1}, "parquet_paths": {"missing_image": 1},
+                      "parquet_bytes": {"missing_caption": 1}}
+    for kind, (path, columns) in write_tables(tmp_path).items():
+        rows, skipped = {}, {}
+        for source in list_sources(path, **columns):
+            row, reason = load_row(source)
+            if row is None:
+                skipped[reason] = skipped.get(reason, 0) + 1
+            else:
+                rows[row["id"]] = row["captions"]
+        one = str(tmp_path / "one") if kind == "parquet_paths" else "one"  # an absolute path's id is that path
+        assert set(rows) == {one, "sub/two"}, kind
+        assert rows[one][0] == "a one" and rows["sub/two"] == ["a sub/two"], (kind, rows)
+        assert skipped == expected_skips[kind], kind
+    # prepare_shards takes the same named columns (jobs/prepare_data.py --image-column / --caption-column)
+    path, columns = write_tables(tmp_path)["csv"]
+    summary = prepare_shards(path, tmp_path / "out", **columns)
+    assert summary.rows_written == 2 and dict(summary.skipped) == expected_skips["csv"]
+    assert read_all(tmp_path / "out")["sub/two"]["image"] == (tmp_path / "sub" / "two.png").read_bytes()
+
+
+def test_a_missing_named_column_fails_listing_the_columns_the_file_has(tmp_path):
+    tables = write_tables(tmp_path)
+    with pytest.raises(ValueError, match=r"data.csv has no caption column 'caption' .*data.caption_column.*"
+                                         r"--caption-column.*its columns are \['file', 'text'\]"):
+        list_sources(tables["csv"][0], image_column="file")
+    with pytest.raises(ValueError, match=r"paths.parquet has no image column 'image' .*"
+                                         r"its columns are \['path', 'caption'\]"):
+        list_sources(tables["parquet_paths"][0])
+    # training: preflight names it before Ray starts
+    data = [f"data.path={tables['csv'][0]}", "data.image_column=file"]
+    with pytest.raises(ConfigError, match=r"^data.path: .*has no caption column 'txt' .*"
+                                          r"its columns are \['file', 'text'\]$"):
+        check_paths(load_config(None, data + ["data.caption_column=txt"]))
+    check_paths(load_config(None, data + ["data.caption_column=text"]))
+
+
+@pytest.mark.parametrize("template,problem", [
+    ("photo of {sks}, {caption}", "has the field {sks}; the only field allowed is {caption}"),
+    ("photo of sks", "must contain the field {caption} exactly once, found it 0 times"),
+    ("{caption}, {caption}", "must contain the field {caption} exactly once, found it 2 times"),
+    ("{caption!r}", "has the field {caption!r}"),
+    ("photo of {", "not a valid template"),
+])
+def test_a_bad_caption_template_fails_at_load_naming_the_field(template, problem):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"data.caption_template={json.dumps(template)}"])
+    assert f"data.caption_template: {problem}" in str(err.value) and "e.g. 'photo of sks, {caption}'" in str(err.value)
+    with pytest.raises(ValueError, match=re.escape(problem)):  # StreamSpec, read_shards' own settings, too
+        StreamSpec(caption_template=template)
+
+
+def test_the_caption_template_is_applied_once_where_a_row_is_decoded():
+    cfg = load_config(None, ["data.caption_template='photo of sks, {caption} {{x}}'", "data.caption=first",
+                             "data.image_column=file", "data.caption_column=text"])
+    spec = StreamSpec.from_config(cfg)
+    assert (spec.caption_template, spec.image_column, spec.caption_column) == (
+        "photo of sks, {caption} {{x}}", "file", "text")
+    row = {"id": "r", "image": png(64, 64), "captions": ["a {brace} caption", "two"]}
+    out, reason = decode_row(row, spec, make_buckets(BUDGET, MULTIPLE, 2.0))
+    assert reason is None and out["caption"] == "photo of sks, a {brace} caption {x}"
+
+
 # -- buckets, decoding, batching (no Ray) --------------------------------------------------
 @pytest.mark.parametrize("budget,multiple,ratio", [(4096, 16, 2.0), (1024 * 1024, 16, 2.0), (512 * 512, 64, 1.5)])
 def test_buckets_are_multiples_near_the_budget(budget, multiple, ratio):
@@ -341,6 +435,28 @@ def test_webdataset_tars_and_image_folders(local_ray, tmp_path):
     assert len(captions) == 4 and images.shape == (4, 3, 64, 64)
 
 
+def test_tables_jsonl_and_shards_read_directly_with_the_template(local_ray, tmp_path):
+    """A CSV, a parquet table, a JSONL and one of our shards as data.path, side by side: the
+    shard is told apart by its columns, the others are read through the named columns."""
+    tables = write_tables(tmp_path)
+    prepare_shards(tables["folder"][0], tmp_path / "shards")
+    spec = StreamSpec(pixel_budget=BUDGET, caption="first", caption_template="photo of sks, {caption}",
+                      image_column="file", caption_column="text")
+    shard = tmp_path / "shards" / "shard-00000.parquet"
+    dataset, stats = read_shards([str(tables[k][0]) for k in ("csv", "parquet_bytes", "jsonl")] + [str(shard)], spec)
+    dataset = dataset.materialize()  # decoded once, for both reads below
+    rows = sorted((r["id"], r["caption"]) for r in dataset.iter_rows())
+    assert rows == sorted([("one", "photo of sks, a one"), ("sub/two", "photo of sks, a sub/two")] * 4)
+    got = stats.as_dict()
+    assert got["rows_read"] == 12 and got["rows_kept"] == 8
+    assert got["dropped"] == {"missing_image": 1, "empty_caption": 1, "missing_caption": 2}
+    assert got["examples"]["missing_image"] == [str(tmp_path / "gone.png")]
+    captions, images = take_validation(dataset, count=2)  # the sample grids' training pairs: once, too
+    assert len(captions) == 2 and all(c.startswith("photo of sks, a ") and c.count("sks") == 1 for c in captions)
+    with pytest.raises(ValueError, match=r"has no image column 'image' .*its columns are \['file', 'text'\]"):
+        read_shards(str(tables["csv"][0]), StreamSpec())
+
+
 # -- the entry script ----------------------------------------------------------------------
 def test_prepare_data_script(tmp_path):
     folder = tmp_path / "in"
@@ -361,3 +477,11 @@ def test_prepare_data_script(tmp_path):
     write_pair(only_bad, "x", b"junk", "caption")
     nothing = subprocess.run(script + [str(only_bad), str(tmp_path / "o3")], capture_output=True, text=True)
     assert nothing.returncode != 0 and "nothing usable" in nothing.stderr
+
+    table = str(write_tables(tmp_path / "tables")["csv"][0])
+    done = subprocess.run(script + [table, str(tmp_path / "o4"), "--image-column", "file", "--caption-column", "text"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "wrote 2 rows" in done.stdout and "missing_image" in done.stdout, done.stderr
+    unnamed = subprocess.run(script + [table, str(tmp_path / "o5")], capture_output=True, text=True, timeout=60)
+    assert unnamed.returncode == 2 and "has no image column 'image'" in unnamed.stderr
+    assert "its columns are ['file', 'text']" in unnamed.stderr

@@ -1,11 +1,18 @@
 """Image-text sources -> validated parquet shards (jobs/prepare_data.py).
 
-Inputs:
+Inputs (list_sources; training reads the same ones directly, see data/stream.py):
   - a folder: every image (png, jpg, jpeg, webp, bmp; subfolders too) with a same-name
     .txt next to it, one caption per line (several lines = several captions);
   - a JSONL file, one object a line: {"image": path, "caption": str} or
-    {"image": path, "captions": [str, ...]} (optional "id"); paths are relative to the
-    JSONL's folder or absolute.
+    {"image": path, "captions": [str, ...]} (optional "id");
+  - a CSV or parquet file with named columns: the image column (default "image") and the
+    caption column (default "caption"), optional "id". A CSV cell holds one caption; a
+    parquet caption cell a string or a list of strings, and its image cell a path, the
+    image's bytes, or a Hugging Face `datasets` image {"bytes", "path"}.
+The JSONL keys are the same named columns (its "captions" list is read as well). Image
+paths are relative to the JSONL / CSV / parquet file's folder, or absolute. A row's id is
+its "id", else its image path without the extension, else file:row. A named column the
+CSV / parquet file lacks is a setup error (check_table), raised before anything is read.
 
 Output: shard-00000.parquet, shard-00001.parquet, ... with the columns of SCHEMA:
 id (string), image (binary: the original encoded bytes, never re-encoded) and
@@ -15,10 +22,12 @@ caption); a row that fails is skipped and counted under one of REASONS, with a f
 example paths, so one bad file never stops a long conversion.
 
     sources = list_sources("photos/")          # cheap: paths and captions only
+    sources = list_sources("pairs.csv", image_column="file", caption_column="text")
     summary = write_shards(sources, "shards/", rows_per_shard=1000)
     print(summary.format())
 """
 
+import csv
 import io
 import json
 import warnings
@@ -34,20 +43,22 @@ from PIL import Image
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("captions", pa.list_(pa.string()))])
 COLUMNS = tuple(SCHEMA.names)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+JSONL_EXTENSIONS = (".jsonl", ".json")
+TABLE_EXTENSIONS = (".csv", ".parquet")
 DEFAULT_MAX_PIXELS = 8192 * 8192  # beyond this an image is "too_large" (checked before decoding)
 SHARD_PATTERN = "shard-{:05d}.parquet"
 EXAMPLES_PER_REASON = 5
 
 # Why a row was skipped (here) or dropped (data/stream.py), and what that means.
 REASONS = {
-    "missing_image": "the image file does not exist",
+    "missing_image": "the image file does not exist, or the row names no image",
     "empty_image": "the image has zero bytes or zero width/height",
     "undecodable_image": "PIL cannot decode the image (corrupt, truncated, a header it refuses, or not an image)",
     "too_large": "the image has more pixels than max_pixels (read from the header, never decoded)",
-    "missing_caption": "no same-name .txt next to the image, or no caption in the JSONL line",
+    "missing_caption": "no same-name .txt next to the image, or no caption in the JSONL line / table row",
     "empty_caption": "every caption is empty or whitespace",
     "bad_caption": "a caption is not a string (or the .txt is not UTF-8)",
-    "bad_json": "the JSONL line is not a JSON object with an 'image' path",
+    "bad_json": "the JSONL line is not a JSON object",
     "duplicate_id": "the same id appears twice (the first one is kept)",
 }
 
@@ -61,18 +72,37 @@ class Source:
     image_path: Path | None
     captions: Any = None  # raw: validated by clean_captions
     problem: str | None = None  # a reason already known while listing (bad JSON, no .txt)
+    image_bytes: bytes | None = None  # the image itself (a parquet cell), instead of a path
 
 
-def list_sources(input_path: str | Path) -> list[Source]:
-    """Candidates from a folder of images + .txt captions, or from a .jsonl file."""
+def list_sources(input_path: str | Path, image_column: str = "image", caption_column: str = "caption") -> list[Source]:
+    """Candidates from a folder of images + .txt captions, or a .jsonl, .csv or .parquet file."""
     input_path = Path(input_path)
     if input_path.is_dir():
         return folder_sources(input_path)
-    if input_path.is_file() and input_path.suffix.lower() in (".jsonl", ".json"):
-        return jsonl_sources(input_path)
+    suffix = input_path.suffix.lower()
+    if input_path.is_file() and suffix in JSONL_EXTENSIONS:
+        return jsonl_sources(input_path, image_column, caption_column)
+    if input_path.is_file() and suffix in TABLE_EXTENSIONS:
+        return table_sources(input_path, image_column, caption_column)
     if input_path.is_file():
-        raise ValueError(f"{input_path}: expected a folder of images + .txt captions or a .jsonl file")
+        raise ValueError(f"{input_path}: expected a folder of images + .txt captions, "
+                         "or a .jsonl, .csv or .parquet file")
     raise FileNotFoundError(f"{input_path} does not exist")
+
+
+def is_table(path: Path) -> bool:
+    """A CSV, or a parquet file that is not one of our shards (a shard has exactly the
+    SCHEMA columns; any other parquet file is a table read through the named columns)."""
+    suffix = path.suffix.lower()
+    if not path.is_file() or suffix not in TABLE_EXTENSIONS:
+        return False
+    return suffix == ".csv" or set(pq.read_schema(path).names) != set(COLUMNS)
+
+
+def is_caption_file(path: Path) -> bool:
+    """A file that list_sources reads (a JSONL or a table), not a shard."""
+    return (path.is_file() and path.suffix.lower() in JSONL_EXTENSIONS) or is_table(path)
 
 
 def folder_sources(folder: Path) -> list[Source]:
@@ -92,8 +122,31 @@ def folder_sources(folder: Path) -> list[Source]:
     return sources
 
 
-def jsonl_sources(path: Path) -> list[Source]:
+def record_source(record: dict, folder: Path, where: str, image_column: str,
+                  caption_columns: tuple[str, ...]) -> Source:
+    """One JSONL object or table row -> a Source. `where` (file:line) names it when it has no id."""
+    image = record.get(image_column)
+    if isinstance(image, dict):  # a Hugging Face `datasets` image: {"bytes": ..., "path": ...}
+        image = image.get("bytes") or image.get("path")
+    id_ = record.get("id") if isinstance(record.get("id"), str) and record["id"] else None
+    if isinstance(image, str) and image:
+        path = Path(image)
+        source = Source(id_ or path.with_suffix("").as_posix(), path if path.is_absolute() else folder / path)
+    elif isinstance(image, bytes):
+        source = Source(id_ or where, None, image_bytes=image)
+    else:
+        return Source(id_ or where, None, problem="missing_image")
+    present = [record[c] for c in caption_columns if record.get(c) is not None]
+    if not present:
+        source.problem = "missing_caption"
+    else:  # each a string or a list; clean_captions fails anything else
+        source.captions = [c for value in present for c in (value if isinstance(value, list) else [value])]
+    return source
+
+
+def jsonl_sources(path: Path, image_column: str = "image", caption_column: str = "caption") -> list[Source]:
     sources = []
+    caption_columns = tuple(dict.fromkeys((caption_column, "captions")))  # the documented list key too
     for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
@@ -102,21 +155,40 @@ def jsonl_sources(path: Path) -> list[Source]:
             obj = json.loads(line)
         except json.JSONDecodeError:
             obj = None
-        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
+        if not isinstance(obj, dict):
             sources.append(Source(where, None, problem="bad_json"))
             continue
-        image = Path(obj["image"])
-        image_path = image if image.is_absolute() else path.parent / image
-        id_ = obj["id"] if isinstance(obj.get("id"), str) and obj["id"] else Path(obj["image"]).with_suffix("").as_posix()
-        if "caption" not in obj and "captions" not in obj:
-            sources.append(Source(id_, image_path, problem="missing_caption"))
-            continue
-        captions = [obj["caption"]] if "caption" in obj else []
-        if "captions" in obj:
-            extra = obj["captions"]
-            captions += extra if isinstance(extra, list) else [extra]
-        sources.append(Source(id_, image_path, captions))
+        sources.append(record_source(obj, path.parent, where, image_column, caption_columns))
     return sources
+
+
+def table_columns(path: Path) -> list[str]:
+    """The column names of a CSV (its header line) or a parquet file (its footer)."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f), [])
+    return pq.read_schema(path).names
+
+
+def check_table(path: Path, image_column: str, caption_column: str) -> None:
+    """A CSV / parquet file must have the named columns: one line listing the ones it has."""
+    columns = table_columns(path)
+    for kind, name in (("image", image_column), ("caption", caption_column)):
+        if name not in columns:
+            raise ValueError(f"{path} has no {kind} column {name!r} (set data.{kind}_column, or --{kind}-column "
+                             f"for jobs/prepare_data.py); its columns are {columns}")
+
+
+def table_sources(path: Path, image_column: str = "image", caption_column: str = "caption") -> list[Source]:
+    check_table(path, image_column, caption_column)
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        wanted = [image_column, caption_column] + (["id"] if "id" in table_columns(path) else [])
+        rows = pq.read_table(path, columns=list(dict.fromkeys(wanted))).to_pylist()
+    return [record_source(row, path.parent, f"{path}:{number}", image_column, (caption_column,))
+            for number, row in enumerate(rows, start=1)]
 
 
 # -- checks (shared with data/stream.py) ---------------------------------------------
@@ -157,12 +229,12 @@ def load_row(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[dict
     """A SCHEMA row {id, image, captions} for `source`, or (None, reason)."""
     if source.problem:
         return None, source.problem
-    if source.image_path is None or not source.image_path.is_file():
+    if source.image_bytes is None and (source.image_path is None or not source.image_path.is_file()):
         return None, "missing_image"
     captions, reason = clean_captions(source.captions)
     if reason:
         return None, reason
-    data = source.image_path.read_bytes()
+    data = source.image_bytes if source.image_bytes is not None else source.image_path.read_bytes()
     _, reason = open_image(data, max_pixels)
     if reason:
         return None, reason
@@ -274,6 +346,9 @@ def prepare_shards(
     rows_per_shard: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
+    image_column: str = "image",
+    caption_column: str = "caption",
 ) -> Summary:
     """list_sources + write_shards in one call."""
-    return write_shards(list_sources(input_path), out_dir, rows_per_shard, max_pixels, overwrite)
+    sources = list_sources(input_path, image_column, caption_column)
+    return write_shards(sources, out_dir, rows_per_shard, max_pixels, overwrite)

@@ -8,8 +8,12 @@
 
 Sources: parquet shards written by jobs/prepare_data.py (columns id, image, captions;
 a directory, files, a list, or s3:// URIs), webdataset tars (jpg/jpeg/png/webp + txt,
-one caption per line), or a local folder of images + .txt captions (small sets such as
-the bundled sample; read into memory, use prepare_data for anything big).
+one caption per line), or, local and read into memory (small sets such as the bundled
+sample; use prepare_data for anything big), whatever prepare_data reads (data/shards.py
+list_sources): a folder of images + .txt captions, a .jsonl, or a .csv / .parquet table
+whose image and caption columns StreamSpec names (data.image_column, data.caption_column).
+A parquet file with exactly the columns id, image, captions is a shard; any other is a
+table. A table lacking a named column fails before any Ray work, listing its columns.
 
 One decoded row (the map stage's output, one per usable shard row):
     {"id": str, "pixels": uint8 (H, W, 3) or float32 (3, H, W) in [-1, 1],
@@ -17,6 +21,10 @@ One decoded row (the map stage's output, one per usable shard row):
 H x W is an aspect-ratio bucket: sides are multiples of `multiple`, the area is near
 `pixel_budget`, the aspect ratio at most `max_aspect_ratio`; each image goes to the
 bucket of nearest aspect ratio, resized to cover it and center-cropped.
+
+`caption_template` (data.caption_template, e.g. "photo of sks, {caption}") is applied
+to the picked caption in decode_row, the one place: every training row and the
+take_validation pairs shown in sample grids carry it, exactly once.
 
 Rows the map stage cannot use (undecodable, empty or too large images; missing, empty
 or non-string captions) are dropped, never fatal, and counted per reason in a small
@@ -44,9 +52,10 @@ import ray
 import ray.data
 from PIL import Image, ImageOps
 
+from ..config import check_caption_template
 from .shards import (
-    COLUMNS, DEFAULT_MAX_PIXELS, EXAMPLES_PER_REASON, IMAGE_EXTENSIONS, DropCounter, clean_captions, list_sources,
-    load_row, open_image,
+    COLUMNS, DEFAULT_MAX_PIXELS, EXAMPLES_PER_REASON, IMAGE_EXTENSIONS, DropCounter, Source, clean_captions,
+    is_caption_file, list_sources, load_row, open_image,
 )
 
 if TYPE_CHECKING:
@@ -69,8 +78,13 @@ class StreamSpec:
     pixels: str = "uint8"  # "uint8": (H, W, 3) uint8; "float": (3, H, W) float32 in [-1, 1]
     rows_per_block: int = 16  # rows per Ray block and map call: bounds decoded block size, lets splits share
     shuffle_files: bool = True  # shard order reshuffled every epoch (seeded)
+    caption_template: str | None = None  # e.g. "photo of sks, {caption}"; None: captions as they are
+    image_column: str = "image"  # a .csv / .parquet table's (or a .jsonl's) image column
+    caption_column: str = "caption"  # ... and its caption column
 
     def __post_init__(self):
+        if self.caption_template is not None:
+            check_caption_template(self.caption_template)
         if self.caption not in ("random", "first"):
             raise ValueError(f"caption must be 'random' or 'first', got {self.caption!r}")
         if self.pixels not in ("uint8", "float"):
@@ -85,7 +99,8 @@ class StreamSpec:
         """From the typed Config (data section + train.seed); `multiple`: the family's pixel_multiple."""
         d = cfg.data
         return cls(pixel_budget=d.pixel_budget, multiple=multiple, max_aspect_ratio=d.max_aspect_ratio,
-                   caption=d.caption, seed=cfg.train.seed)
+                   caption=d.caption, seed=cfg.train.seed, caption_template=d.caption_template,
+                   image_column=d.image_column, caption_column=d.caption_column)
 
 
 # -- buckets and the per-row decode (plain functions, no Ray) ----------------------------
@@ -147,8 +162,10 @@ def decode_row(row: dict, spec: StreamSpec, buckets: list[tuple[int, int]]) -> t
     if spec.pixels == "float":
         pixels = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / 127.5 - 1.0
     id_ = str(row.get("id"))
-    return {"id": id_, "pixels": pixels, "height": bucket[0], "width": bucket[1],
-            "caption": pick_caption(captions, spec.caption, spec.seed, id_)}, None
+    caption = pick_caption(captions, spec.caption, spec.seed, id_)
+    if spec.caption_template is not None:  # the one place the template is applied
+        caption = spec.caption_template.format(caption=caption)
+    return {"id": id_, "pixels": pixels, "height": bucket[0], "width": bucket[1], "caption": caption}, None
 
 
 # -- counting dropped rows inside Ray Data ----------------------------------------------
@@ -260,11 +277,12 @@ def webdataset_rows(batch: dict) -> dict:
     return {"id": batch["id"], "image": batch["image"], "captions": captions}
 
 
-def image_folder_dataset(folder: Path, counter) -> ray.data.Dataset:
-    """A small folder of images + .txt read into memory; skips counted once."""
+def in_memory_dataset(where: str, sources: list[Source], counter, max_pixels: int) -> ray.data.Dataset:
+    """A small set listed by list_sources (a folder, JSONL, CSV or parquet table), read into
+    memory as shard rows; skips counted once."""
     rows, dropped, examples = [], Counter(), defaultdict(list)
-    for source in list_sources(folder):
-        row, reason = load_row(source)
+    for source in sources:
+        row, reason = load_row(source, max_pixels)
         if row is None:
             dropped[reason] += 1
             if len(examples[reason]) < EXAMPLES_PER_REASON:
@@ -273,7 +291,7 @@ def image_folder_dataset(folder: Path, counter) -> ray.data.Dataset:
             rows.append(row)
     ray.get(counter.add.remote(sum(dropped.values()), 0, dict(dropped), dict(examples)))
     if not rows:
-        raise ValueError(f"{folder}: no usable image + caption pairs (skipped: {dict(dropped)})")
+        raise ValueError(f"{where}: no usable image + caption pairs (skipped: {dict(dropped)})")
     return ray.data.from_items(rows, override_num_blocks=min(len(rows), 8))
 
 
@@ -291,14 +309,18 @@ def read_shards(uri: str | list[str], spec=None) -> tuple[ray.data.Dataset, Stre
         raise ValueError("no data paths given")
 
     # 1. find the files; fail now, before any Ray work, on missing paths or wrong columns
-    parquet, tars, folders = [], [], []
+    parquet, tars, small = [], [], []  # small: (path, its list_sources), read into memory
     for u in uris:
+        if "://" not in u and is_caption_file(Path(u)):  # a .jsonl, .csv or parquet table
+            small.append((u, list_sources(u, spec.image_column, spec.caption_column)))
+            continue
         files = list_files(u)
         found = [f for f in files if f.lower().endswith(PARQUET_EXTENSIONS + TAR_EXTENSIONS)]
         if not found and "://" not in u and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
-            folders.append(Path(u))
+            small.append((u, list_sources(u)))  # a folder of images + .txt
         elif not found:
-            raise ValueError(f"{u}: no .parquet shards, .tar webdataset files or images found")
+            raise ValueError(f"{u}: no .parquet shards, .tar webdataset files or images found "
+                             "(a .jsonl, .csv or parquet table is read when named as a file)")
         parquet += [f for f in found if f.lower().endswith(PARQUET_EXTENSIONS)]
         tars += [f for f in found if f.lower().endswith(TAR_EXTENSIONS)]
     if parquet:
@@ -307,7 +329,7 @@ def read_shards(uri: str | list[str], spec=None) -> tuple[ray.data.Dataset, Stre
     # 2. one lazy dataset of {id, image, captions} rows
     counter = ray.remote(DropCounter).options(num_cpus=0).remote()
     shuffle = ray.data.FileShuffleConfig(seed=spec.seed) if spec.shuffle_files else None
-    parts = [image_folder_dataset(folder, counter) for folder in folders]
+    parts = [in_memory_dataset(u, sources, counter, spec.max_pixels) for u, sources in small]
     if parquet:
         parts.append(ray.data.read_parquet(parquet, shuffle=shuffle).select_columns(list(COLUMNS)))
     if tars:
