@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     if results["teacher"]["concept"] < 0.5:
         print(f"WARNING: the base model given the image renders this concept in only "
               f"{results['teacher']['concept']:.0%} of samples: D-OPSD cannot teach what its teacher cannot show "
-              "(method.md, 'Known failure modes').", flush=True)
+              "(docs/method.md, 'Known failure modes').", flush=True)
 
     from dopsd_ray.driver import train
 

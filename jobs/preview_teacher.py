@@ -4,7 +4,7 @@
     python jobs/preview_teacher.py --config configs/zimage_turbo_lora.yaml data.path=/data/shards --num 8
 
 D-OPSD can only teach what the teacher (the same model given caption + target image)
-already renders (docs: method.md, "Known failure modes"). This draws N training pairs,
+already renders (docs/method.md, "Known failure modes"). This draws N training pairs,
 samples each at the family's few-step setting from the fresh weights (LoRA at its
 initialisation = the base model, teacher = student) twice, with the same noise: from the
 caption alone (what the student does now) and from the teacher context. It writes a grid,

@@ -1,4 +1,4 @@
-"""The D-OPSD and SFT steps on a tiny real Z-Image family, pinned against method.md."""
+"""The D-OPSD and SFT steps on a tiny real Z-Image family, pinned against docs/method.md."""
 
 
 import pytest
@@ -49,7 +49,7 @@ def lora(family, perturb=True):
 
 
 def naive_dopsd_loss(family, weights, captions, imgs, noise, sigmas):
-    """method.md's loop, line by line, deliberately naive."""
+    """docs/method.md's loop ("One training step"), line by line, deliberately naive."""
     model = weights.model
     with torch.no_grad():
         c_s = family.student_context(captions)

@@ -1,4 +1,5 @@
-"""The math knows nothing of Ray, MLflow or DeepSpeed (style.md)."""
+"""The math knows nothing of Ray, MLflow or DeepSpeed: algorithms/, weights.py and families/
+import none of them, so every piece runs in one process (docs/architecture.md)."""
 
 import ast
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""The D-OPSD step (method.md, "One training step"), in plain PyTorch.
+"""The D-OPSD step (docs/method.md, "One training step"), in plain PyTorch.
 
 The algorithm sees velocity functions only: `student(x, sigma)` and `teacher(x, sigma)`
 return v = eps - x0 with their contexts already bound (steps.velocity_fn). It knows

@@ -1,6 +1,6 @@
 """The Qwen3-VL teacher encoder: multimodal features of (target image, caption).
 
-D-OPSD's VLM teacher context (method.md, "Teacher contexts" 1) is a Qwen3-VL whose
+D-OPSD's VLM teacher context (docs/method.md, "Teacher contexts" 1) is a Qwen3-VL whose
 language model is the diffusion model's own Qwen3 text encoder, so its features live
 in the space the denoiser was trained on. Its ViT and connector stay as released.
 

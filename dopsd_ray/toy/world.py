@@ -7,7 +7,7 @@ Every region is a speckle: each 2x2-pixel cell is, by a fair coin, the region's 
 or its paired shade (SHADES). The speckle is the toy's stand-in for the fine detail of
 real images: a caption cannot say which cells are shaded, so a multi-step flow model
 sampled in 4 big Euler steps averages the two and blurs, while a step-distilled student
-keeps it crisp - the property plain SFT destroys (method.md, "The problem").
+keeps it crisp - the property plain SFT destroys (docs/method.md, "The problem").
 Shapes are drawn without anti-aliasing, so every pixel of a clean image is one of the
 palette's colours; blurry samples leave the palette, which is what `palette_share` in
 evaluator.py measures. Positions and sizes jitter a little so a model must learn
