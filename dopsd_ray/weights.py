@@ -2,7 +2,7 @@
 
 Two implementations of one small surface (used by the learner and the rollout workers):
 - `LoraWeights`: two peft LoRA adapters on one frozen base transformer. "student" is
-  trainable; "teacher" is its EMA, initialised equal (method.md, "Teacher weights").
+  trainable; "teacher" is its EMA, initialised equal (docs/method.md, "Teacher weights").
 - `FullWeights`: the whole transformer is trained; the teacher is a full-parameter EMA copy.
 
     weights.model                      # the module to call for the student

@@ -168,6 +168,18 @@ def test_state_subset_trains_on_chosen_states_only(family):
     assert loss.item() == pytest.approx(sum(metrics[k] for k in metrics if k.startswith("loss/state_")) / 2, rel=1e-6)
 
 
+def test_the_teacher_runs_only_on_the_states_trained_on():
+    seen = []
+
+    def teacher(x, sigma):
+        seen.append(float(sigma))
+        return torch.zeros_like(x)
+
+    student = torch.nn.Linear(1, 1, bias=False)
+    out = dopsd_step(lambda x, sigma: student.weight * x, teacher, torch.randn(2, 1), SIGMAS, train_states=[1, 3])
+    assert seen == [float(SIGMAS[1]), float(SIGMAS[3])] and len(out.state_losses) == 2
+
+
 @pytest.mark.parametrize("targets_on_worker", [False, True])
 def test_disaggregated_experience_gives_the_colocated_loss(family, targets_on_worker):
     w = lora(family)

@@ -61,9 +61,9 @@ def dopsd_step(
         x = x.detach()  # no backprop through the chain
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         states.append(x)
-        with torch.no_grad():
-            v_teacher = teacher(x, sigma)  # the teacher sees the STUDENT's state
         if k in train_states:
+            with torch.no_grad():  # only where a loss is taken: a state not trained on needs no target
+                v_teacher = teacher(x, sigma)  # the teacher sees the STUDENT's state
             v_student = student(x, sigma)
             losses.append(state_loss(v_student, v_teacher, sigma, loss_space))
         else:

@@ -18,7 +18,7 @@ Student context: the pipeline's prompt encoding (Qwen3 chat template with
 enable_thinking=False, padded to max_sequence_length, hidden states at layers
 (9, 18, 27) stacked to (B, L, 3 * D)) with text ids (0, 0, 0, l).
 
-Teacher contexts (method.md, "Teacher contexts"):
+Teacher contexts (docs/method.md, "Teacher contexts"):
 - "reference" (the released klein recipe): the target image VAE-encoded exactly like
   the pipeline encodes a reference image (posterior mode, patchify, BatchNorm
   normalisation), packed as reference tokens with ids t = 10 and appended AFTER the
@@ -97,7 +97,7 @@ TINY_VLM_DIR = "teacher_vlm"  # where build_tiny_flux2_klein puts the tiny teach
 
 @dataclass(frozen=True)
 class Flux2Variant:
-    """A released klein checkpoint (shapes from models.md; the code reads them from the checkpoint)."""
+    """A released klein checkpoint (shapes from docs/families.md; the code reads them from the checkpoint)."""
 
     hub_id: str
     num_layers: int  # double-stream blocks
