@@ -123,6 +123,11 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    # The learning rate of optimizer step s (algorithms/lr_schedule.py): a linear warm-up over
+    # the first warmup_steps steps, then constant, or a linear or cosine decay over the rest
+    # of train.steps. The released recipes: constant, no warm-up.
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
     max_consecutive_skips: int = Field(10, ge=1)  # non-finite steps in a row before stopping
 
 
@@ -176,7 +181,10 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(2000, ge=1)
-    batch_size: int = Field(1, ge=1)  # per learner rank
+    batch_size: int = Field(1, ge=1)  # per learner rank and micro-batch
+    # micro-batches per optimizer step (gradient accumulation): a step trains on
+    # batch_size * grad_accum * num_learners images; train.steps counts optimizer steps
+    grad_accum: int = Field(1, ge=1)
     seed: int = 0
     output_dir: str = "outputs"
     run_name: str = "dopsd"

@@ -6,6 +6,7 @@
     publisher, store = weight_sync(rt, workers)               object store | collective
     learner  = TorchTrainer(train_loop_per_worker, ...)       Ray Train + DeepSpeed
     learner.fit()    # trains, syncs weights to workers, checkpoints, exports
+                     # (meanwhile a thread here draws the progress learner rank 0 reports)
     stop workers; print where the results are
 
 Faults (README "Faults and what happens"): a bad config or a recipe the cluster cannot
@@ -32,6 +33,7 @@ from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .families import build_tiny
 from .learner import LearnerInputs, train_loop_per_worker
 from .preflight import check_resources, preflight
+from .progress import ProgressPrinter
 from .rollout import RolloutWorker
 from .sync.collective import CollectivePublisher
 from .sync.object_store import StorePublisher, WeightStore
@@ -110,13 +112,16 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
                    for i in range(rt.num_rollout_workers)]
         publisher, store = weight_sync(rt, workers)
         # strictly on-policy: each snapshot makes just what the learners consume in one step
-        per_version = None if rt.max_staleness > 0 else math.ceil(rt.num_learners / rt.num_rollout_workers)
+        # (grad_accum experiences per learner rank; the snapshot's version is the optimizer step)
+        per_version = None if rt.max_staleness > 0 else math.ceil(
+            rt.num_learners * cfg.train.grad_accum / rt.num_rollout_workers)
         splits = dataset.streaming_split(rt.num_rollout_workers)
         runs = [w.run.remote(split, store, queue, per_version) for w, split in zip(workers, splits)]
         inputs.weight_sync, inputs.experience_queue = publisher, queue
         datasets = {}
 
-    # 3. learner
+    # 3. learner (rank 0 reports every step's progress into a queue the driver draws from)
+    inputs.progress = Queue()
     use_gpu = rt.learner_resources.get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -131,10 +136,14 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
         datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
+    printer = ProgressPrinter(inputs.progress, cfg.train.log_every)  # draws while fit() blocks
+    printer.start()
     start = time.perf_counter()
     try:
         result = trainer.fit()
     finally:
+        printer.stop()
+        inputs.progress.shutdown()
         worker_stats = stop_workers(workers, runs)
     seconds = time.perf_counter() - start
     learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped"}

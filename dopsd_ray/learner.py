@@ -1,18 +1,22 @@
 """The learner: one Ray Train worker, rank r of N, training with DeepSpeed (ZeRO-3 by default).
 
     setup()  family + weights -> DeepSpeed engine; resume from the last checkpoint
-    train()  the loop, written out:
-                 batch (colocated: own data shard) or experience (disaggregated: buffer)
-                 loss -> backward -> clip + AdamW step (engine) -> EMA teacher
+    train()  the loop, written out; a step is one optimizer update:
+                 lr = lr_at(step)   (a pure function of the step: a resume continues it exactly)
+                 train.grad_accum times: batch (colocated: own data shard) or experience
+                     (disaggregated: buffer) -> loss -> backward (the gradients accumulate)
+                 clip + AdamW step (engine) -> EMA teacher
                  every sync_every: gathered weights -> rollout workers, with a version
                      (through a WeightPublisher: object store or collective, runtime.sync_transport)
-                 metrics (rank 0 -> MLflow), sample grids, checkpoints
+                 metrics (rank 0 -> MLflow, and progress -> the driver's progress bar),
+                 sample grids, checkpoints
              then export the student.
 
 Faults (README "Faults and what happens"):
 - a non-finite loss (checked on every rank before backward) or non-finite gradients
   (DeepSpeed ZeRO 1-3 skip the optimizer step when the global grad norm is not finite;
-  stage 0 is checked here) skip the whole step, EMA included, and count it; after
+  stage 0 is checked here) skip the whole step, EMA included, and count it, even when
+  one micro-batch of an accumulation on one rank was the cause (backward_micro); after
   optim.max_consecutive_skips in a row every rank stops cleanly, and the driver raises
   FloatingPointError naming the last checkpoint. No checkpoint is written during a streak.
 - a killed learner rank: Ray Train restarts the group (FailureConfig) and setup()
@@ -49,6 +53,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from .algorithms.lr_schedule import lr_at
 from .algorithms.schedules import training_sigmas
 from .algorithms.steps import Batch, RolloutRestart, colocated_loss, experience_loss
 from .checkpoint import load_checkpoint, ray_upload_fn, save_checkpoint, usable_checkpoint, checkpoint_dir_name
@@ -58,6 +63,7 @@ from .data.stream import iter_batches
 from .families import comfyui_keys, lora_targets, load_family, pipeline_class
 from .families.base import Family
 from .preview import sample_grid_for
+from .progress import progress_report
 from .ranks import LearnerRanks
 from .sync import WeightPublisher
 from .sync.buckets import gather_zero3_buckets, weights_digest
@@ -76,6 +82,7 @@ class LearnerInputs:
     weight_sync: WeightPublisher | None = None  # disaggregated: learner rank 0's end of the transport
     experience_queue: Any = None  # disaggregated: the ray.util.queue.Queue rollout workers fill
     contexts: ContextCache | None = None  # data.cache_contexts: the filled cache
+    progress: Any = None  # the ray.util.queue.Queue the driver draws its progress bar from (rank 0 puts)
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -104,7 +111,7 @@ def deepspeed_config(cfg: Config) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,
@@ -122,24 +129,50 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def apply_step(engine, loss: torch.Tensor, ranks: LearnerRanks, zero_stage: int) -> bool:
-    """engine.backward + engine.step unless the loss or the gradients are not finite.
+def backward_micro(engine, loss: torch.Tensor, ranks: LearnerRanks, last: bool) -> bool:
+    """engine.backward of one micro-batch's loss; False if it is not finite on some rank.
 
-    Every rank must give the same answer, or the collectives inside backward would hang:
-    `ranks` makes them agree. With ZeRO stages 1-3 DeepSpeed itself skips the optimizer
-    step when the global grad norm is not finite (fp32, and bf16 with check_grad_overflow)
-    and says so in was_step_applied(); stage 0 (plain data parallel) never checks, so its
-    gradients are checked here and dropped before the step.
+    Every rank gets the same answer (`ranks`) and every rank runs a backward, so the
+    collectives inside it never hang. A non-finite loss loses the whole step, but the step's
+    earlier micro-batches are accumulated already, and where depends on the ZeRO stage. So
+    it is backpropagated times NaN, on every rank: the step's gradients become NaN, and the
+    overflow check at its end (DeepSpeed's for ZeRO 1-3, finish_step's for stage 0) skips
+    the step and drops them all. `last`: the step's last micro-batch, whose backward reduces
+    the gradients (DeepSpeed's accumulation boundary); set on every call, so it never
+    depends on DeepSpeed's own count of micro-batches, which a skipped stage-0 step breaks.
     """
-    if not ranks.all_finite([loss]):
-        return False
-    engine.backward(loss)
+    finite = ranks.all_finite([loss])
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss if finite else loss * math.nan)  # scaled by 1 / grad_accum: the mean gradient
+    return finite
+
+
+def finish_step(engine, ranks: LearnerRanks, zero_stage: int, finite: bool) -> bool:
+    """The optimizer step after the step's last backward_micro; False if nothing was applied.
+
+    `finite`: every micro-batch loss was finite. With ZeRO stages 1-3 DeepSpeed itself skips
+    the optimizer step when the global grad norm is not finite (fp32, and bf16 with
+    check_grad_overflow) and says so in was_step_applied(); stage 0 (plain data parallel)
+    never checks, so its gradients are checked here and dropped before the step. Every rank
+    returns the same answer.
+    """
     if zero_stage == 0:
-        if not ranks.all_finite([p.grad for p in engine.module.parameters() if p.grad is not None]):
-            engine.zero_grad()  # drop them; no optimizer step (with GAS 1 every backward is a boundary)
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if not (finite and ranks.all_finite(grads)):
+            engine.optimizer.zero_grad()  # drop them: the optimizer's accumulation (bf16) ...
+            engine.zero_grad()  # ... and the module's; no optimizer step
             return False
     engine.step()  # clips to optim.grad_clip, AdamW step, zero grads
-    return engine.was_step_applied()
+    return finite and engine.was_step_applied()
+
+
+def micro_mean(metrics: list[dict]) -> dict:
+    """A step's metrics from its micro-batches': trained_states summed, every loss averaged
+    over the micro-batches that have it (a random subset of states differs between them)."""
+    keys = dict.fromkeys(k for m in metrics for k in m)
+    out = {k: sum(m[k] for m in metrics if k in m) / sum(1 for m in metrics if k in m) for k in keys}
+    out["trained_states"] = sum(m["trained_states"] for m in metrics)
+    return out
 
 
 def release_stale_gathers(params) -> None:
@@ -168,6 +201,7 @@ class Learner:
         self.model_path = inputs.model_path
         self.publisher: WeightPublisher | None = inputs.weight_sync  # disaggregated (driver.weight_sync)
         self.queue = inputs.experience_queue  # disaggregated: where experiences come from
+        self.progress = inputs.progress
         self.validation = inputs.validation
         self.tracking = inputs.tracking
         self.contexts = inputs.contexts
@@ -257,16 +291,8 @@ class Learner:
         batches = self.batches()
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
-            item, waited, dropped = next(batches)
-            t1 = time.perf_counter()
-            if isinstance(item, Batch):
-                _, _, h, w = item.images.shape
-                loss, metrics = colocated_loss(self.family, self.weights, item, self.sigmas(h, w), cfg.algorithm)
-                staleness, rollout_s = 0, 0.0
-            else:
-                loss, metrics = experience_loss(self.family, self.weights, item, cfg.algorithm)
-                staleness, rollout_s = self.step - item.version, item.rollout_seconds
-            if self.optimizer_step(loss):
+            step = self.optimizer_step(batches)
+            if step["applied"]:
                 self.ema.step(cfg.algorithm.ema_decay)
                 release_stale_gathers(self.weights.teacher_parameters())
                 self.consecutive_skips = 0
@@ -274,14 +300,12 @@ class Learner:
                 self.counters["skipped_nonfinite"] += 1
                 self.consecutive_skips += 1
             self.step += 1
-            compute_s = time.perf_counter() - t1
+            step["compute_seconds"] = time.perf_counter() - t0 - step["fetch_seconds"]
             sync = self.publish_weights() if self.publisher is not None and self.step % cfg.runtime.sync_every == 0 else {}
-            step_s = time.perf_counter() - t0
-            self.counters["dropped_stale"] += dropped
-            images = len(item.captions) if isinstance(item, Batch) else len(item.ids)
-            self.log_step(loss, metrics, images, step_s, compute_s, waited, staleness, rollout_s, sync)
+            self.counters["dropped_stale"] += step["dropped"]
+            self.log_step(step, time.perf_counter() - t0, sync)
             if self.consecutive_skips >= cfg.optim.max_consecutive_skips:
-                return self.stop_nonfinite(loss)
+                return self.stop_nonfinite(step["loss"])
             if self.step % cfg.train.sample_every == 0 or self.step == cfg.train.steps:
                 self.log_samples()
             # never during a streak of skipped steps: the last checkpoint stays one after a good step
@@ -296,11 +320,15 @@ class Learner:
     def batches(self):
         """Yields (Batch or Experience, seconds waited, stale experiences dropped)."""
         if self.queue is None:
-            index = self.step  # resume: skip ahead in the stream's noise seeds
-            for images, captions, ids in iter_batches(
-                    self.data, self.cfg.train.batch_size, seed=self.cfg.train.seed + self.rank):
-                yield Batch(images, captions, ids, index=index, stream=self.rank, seed=self.cfg.train.seed), 0.0, 0
-                index += 1
+            # Resume: micro-batch `micro` of step s is batch s * grad_accum + micro of this rank's
+            # stream; the batches before the checkpoint's step are read again and passed over, so
+            # a resumed run trains on the same images with the same noise (the index seeds it) as
+            # one that never stopped. (Re-reading costs the data pipeline's time, not a model's.)
+            skip = self.step * self.cfg.train.grad_accum
+            for index, (images, captions, ids) in enumerate(iter_batches(
+                    self.data, self.cfg.train.batch_size, seed=self.cfg.train.seed + self.rank)):
+                if index >= skip:
+                    yield Batch(images, captions, ids, index=index, stream=self.rank, seed=self.cfg.train.seed), 0.0, 0
             raise RuntimeError("the training data ran out before train.steps; the stream should repeat")
         while True:
             start, dropped = time.perf_counter(), 0
@@ -331,17 +359,48 @@ class Learner:
         self.counters["sync_checked"] += 1
         return True
 
-    def optimizer_step(self, loss: torch.Tensor) -> bool:
-        """backward, clip, AdamW step; False (nothing applied) if the loss or the gradients are
-        not finite. Every rank returns the same answer."""
-        return apply_step(self.engine, loss, self.ranks, self.cfg.runtime.zero_stage)
+    def optimizer_step(self, batches) -> dict:
+        """One step: the learning rate for it, train.grad_accum micro-batches from `batches`,
+        each with its loss and backward (the gradients accumulate), then clip + AdamW.
+        Returns what log_step needs; "applied" is False (nothing changed) if a loss or the
+        gradients were not finite, on any rank for any micro-batch. Every rank agrees."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.optim, cfg.train.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = cfg.train.grad_accum
+        finite, losses, metrics, images, staleness, rollout_s = True, [], [], 0, 0, 0.0
+        fetch_s = waited = dropped = 0
+        for micro in range(accum):
+            start = time.perf_counter()
+            item, item_waited, item_dropped = next(batches)
+            fetch_s += time.perf_counter() - start
+            waited, dropped = waited + item_waited, dropped + item_dropped
+            if isinstance(item, Batch):
+                _, _, height, width = item.images.shape
+                loss, item_metrics = colocated_loss(
+                    self.family, self.weights, item, self.sigmas(height, width), cfg.algorithm)
+                images += len(item.captions)
+            else:
+                loss, item_metrics = experience_loss(self.family, self.weights, item, cfg.algorithm)
+                images += len(item.ids)
+                # version: the optimizer step whose snapshot made it; the step logs its oldest
+                staleness = max(staleness, self.step - item.version)
+                rollout_s += item.rollout_seconds / accum
+            finite = backward_micro(self.engine, loss, self.ranks, last=micro == accum - 1) and finite
+            losses.append(loss.item())
+            metrics.append(item_metrics)
+        applied = finish_step(self.engine, self.ranks, cfg.runtime.zero_stage, finite)
+        return {"applied": applied, "loss": sum(losses) / accum, "metrics": micro_mean(metrics), "images": images,
+                "staleness": staleness, "rollout_seconds": rollout_s, "fetch_seconds": fetch_s, "waited": waited,
+                "dropped": dropped}
 
-    def stop_nonfinite(self, loss: torch.Tensor) -> str:
+    def stop_nonfinite(self, loss: float) -> str:
         """Stop every rank cleanly (no retry by FailureConfig: it would fail the same way) and
         return why; the driver raises FloatingPointError with it and the last checkpoint's path."""
         message = (f"training stopped at step {self.step}: {self.consecutive_skips} consecutive steps had a "
                    f"non-finite loss or non-finite gradients (optim.max_consecutive_skips="
-                   f"{self.cfg.optim.max_consecutive_skips}; last loss {loss.item()}). The skipped steps changed "
+                   f"{self.cfg.optim.max_consecutive_skips}; last loss {loss}). The skipped steps changed "
                    "no weights. Lower optim.lr, check the data and the config, then re-run with the same "
                    "train.run_name to resume from the last checkpoint.")
         if self.rank == 0:
@@ -415,20 +474,24 @@ class Learner:
                 self.mlflow.log_artifact(str(out), "export")
 
     # -- observability -------------------------------------------------------------
-    def log_step(self, loss, metrics, images, step_s, compute_s, waited, staleness, rollout_s, sync) -> None:
-        """Rank-summed throughput, rank-averaged loss; rank 0 logs."""
+    def log_step(self, step: dict, step_s: float, sync: dict) -> None:
+        """Rank-summed throughput, rank-averaged loss; rank 0 logs, and reports progress to the driver.
+
+        `step`: what optimizer_step returned, every micro-batch of the step counted."""
+        metrics = dict(step["metrics"])
         trained = metrics.pop("trained_states")
         # a non-finite loss stays NaN: MLflow drops it (and counts it), the step shows in count/skipped_nonfinite
-        stats = self.ranks.sum([loss.item() if math.isfinite(loss.item()) else math.nan, trained, images])
+        loss = step["loss"] if math.isfinite(step["loss"]) else math.nan
+        stats = self.ranks.sum([loss, trained, step["images"]])
         row = {
             **metrics,
             "loss": stats[0] / self.world,
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "staleness": staleness,
-            "rollout_seconds": rollout_s,
-            "learner/wait_fraction": waited / step_s if step_s else 0.0,
-            "learner/compute_seconds": compute_s,
+            "staleness": step["staleness"],
+            "rollout_seconds": step["rollout_seconds"],
+            "learner/wait_fraction": step["waited"] / step_s if step_s else 0.0,
+            "learner/compute_seconds": step["compute_seconds"],
             "learner/step_seconds": step_s,
             "images_per_s": stats[2] / step_s,
             "trained_states_per_s": stats[1] / step_s,
@@ -438,9 +501,8 @@ class Learner:
         }
         if self.mlflow and self.step % self.cfg.train.log_every == 0:
             self.mlflow.log_metrics(row, step=self.step)
-        if self.rank == 0:
-            print(f"step {self.step}/{self.cfg.train.steps} loss {row['loss']:.5f} "
-                  f"grad_norm {row['grad_norm']:.3f} {row['images_per_s']:.2f} img/s", flush=True)
+        if self.progress is not None and self.rank == 0:  # the driver draws the bar (progress.py)
+            self.progress.put(progress_report(self.step, self.cfg.train.steps, row["loss"], row["images_per_s"]))
 
     def log_samples(self) -> None:
         if not self.validation:

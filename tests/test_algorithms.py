@@ -1,14 +1,17 @@
-"""The D-OPSD and SFT steps on a tiny real Z-Image family, pinned against docs/method.md."""
+"""The D-OPSD and SFT steps on a tiny real Z-Image family, pinned against docs/method.md; the
+learning-rate schedule."""
 
+import math
 
 import pytest
 import torch
 
 from dopsd_ray.algorithms.dopsd import choose_states, dopsd_step
 from dopsd_ray.algorithms.ema import ema_update
+from dopsd_ray.algorithms.lr_schedule import lr_at
 from dopsd_ray.algorithms.schedules import RECIPE_4STEP, training_sigmas
 from dopsd_ray.algorithms.steps import Batch, colocated_loss, experience_loss, make_experience, velocity_fn
-from dopsd_ray.config import AlgorithmConfig, LoraSettings, ModelConfig
+from dopsd_ray.config import AlgorithmConfig, LoraSettings, ModelConfig, OptimConfig
 from dopsd_ray.families import load_family
 from dopsd_ray.families.zimage import LORA_TARGETS
 from dopsd_ray.weights import TEACHER, EmaTeacher, FullWeights, LoraWeights, make_weights, state_dict
@@ -128,6 +131,26 @@ def test_no_gradient_crosses_rollout_steps_and_teacher_gets_none(family):
     alone.backward()
     for a, b in zip(chained, w.trainable_parameters()):
         torch.testing.assert_close(a, b.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_lr_schedule_warms_up_from_the_first_step_then_holds_or_decays():
+    """lr_at(step) for steps 0..T-1: W warm-up steps at lr (s+1)/(W+1), none of them at 0;
+    then constant, or diffusers' linear and cosine decay, whose last step is still above 0."""
+    T, W = 10, 3
+
+    def lrs(scheduler, warmup=W):
+        optim = OptimConfig(lr=1.0, scheduler=scheduler, warmup_steps=warmup)
+        return [lr_at(s, optim, T) for s in range(T)]
+
+    warm = [0.25, 0.5, 0.75]
+    assert lrs("constant") == pytest.approx(warm + [1.0] * 7)
+    assert lrs("linear") == pytest.approx(warm + [1 - k / 7 for k in range(7)])
+    assert lrs("cosine") == pytest.approx(warm + [0.5 * (1 + math.cos(math.pi * k / 7)) for k in range(7)])
+    assert lrs("linear")[-1] == pytest.approx(1 / 7) and 0 < lrs("cosine")[-1] < 0.06
+    assert lrs("constant", warmup=0) == [1.0] * T  # the released recipes
+    assert lrs("cosine", warmup=0)[0] == 1.0
+    assert lrs("linear", warmup=20) == pytest.approx([(s + 1) / 21 for s in range(T)])  # warm-up past the end
+    assert lr_at(4, OptimConfig(lr=3e-4, scheduler="cosine", warmup_steps=W), T) == 3e-4 * lrs("cosine")[4]
 
 
 def test_ema_formula_and_decay_zero_copies():

@@ -26,7 +26,8 @@ def test_released_zimage_recipe_settings():
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init) == (64, 128, "gaussian")
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-4, (0.9, 0.999), 0.0, 1.0)
     assert (cfg.algorithm.ema_decay, cfg.algorithm.loss_space, cfg.algorithm.training_sigmas) == (0.9999, "x0", "recipe_4step")
-    assert cfg.train.steps == 2000 and cfg.train.batch_size * cfg.runtime.num_learners == 4
+    assert (cfg.optim.scheduler, cfg.optim.warmup_steps) == ("constant", 0)
+    assert cfg.train.steps == 2000 and cfg.train.batch_size * cfg.train.grad_accum * cfg.runtime.num_learners == 4
     assert cfg.algorithm.states_per_rollout is None  # all K states, the recipe
 
 

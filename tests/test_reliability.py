@@ -353,41 +353,57 @@ def test_a_killed_or_failed_checkpoint_write_never_replaces_the_last_good_one(tm
     assert state.step == 2 and torch.all(weights.model.weight == 0.5) and state.optimizer_tensors
 
 
-# -- 5. non-finite gradients with a finite loss ------------------------------------------------
-def engine_steps(zero_stage: int, dtype: str) -> dict:
-    """A real DeepSpeed engine (world size 1, gloo) with the learner's DeepSpeed settings,
-    stepping through the learner's apply_step."""
+# -- 5. non-finite gradients with a finite loss, and gradient accumulation --------------------
+def ds_engine(zero_stage: int, dtype: str, *overrides, optimizer=torch.optim.AdamW):
+    """A real DeepSpeed engine (world size 1, gloo) on a tiny Linear, with the learner's
+    DeepSpeed settings; (engine, a function returning its full weights)."""
     import deepspeed
 
-    from dopsd_ray.learner import apply_step, deepspeed_config
-    from dopsd_ray.ranks import LearnerRanks
+    from dopsd_ray.learner import deepspeed_config
     from dopsd_ray.sync.buckets import gather_zero3_buckets
 
     torch.manual_seed(0)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = torch.nn.Linear(4, 1).to(torch_dtype)
+    model = torch.nn.Linear(4, 1).to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
     config = deepspeed_config(load_config(TINY, [f"runtime.zero_stage={zero_stage}", f"model.dtype={dtype}",
-                                                 "train.batch_size=1"]))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
-                                      config=config)
-    ranks = LearnerRanks(0, 1, "cpu")
+                                                 "train.batch_size=1", *overrides]))
+    config["zero_allow_untested_optimizer"] = optimizer is not torch.optim.AdamW  # SGD: ZeRO runs it, untested
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model.parameters(), lr=0.1), config=config)
 
     def weights():
         return {k: v.clone() for b in gather_zero3_buckets(list(engine.module.named_parameters()), 10**6)
                 for k, v in b.items()}
+    return engine, weights
 
-    x = torch.ones(1, 4, dtype=torch_dtype)
+
+def learner_step(engine, zero_stage: int, *micro_losses) -> bool:
+    """One optimizer step as Learner.optimizer_step takes it: backward_micro for each
+    micro-batch (each loss is computed just before its backward), then finish_step."""
+    from dopsd_ray.learner import backward_micro, finish_step
+    from dopsd_ray.ranks import LearnerRanks
+
+    ranks, finite = LearnerRanks(0, 1, "cpu"), True
+    for i, loss in enumerate(micro_losses):
+        finite = backward_micro(engine, loss(), ranks, last=i == len(micro_losses) - 1) and finite
+    return finish_step(engine, ranks, zero_stage, finite)
+
+
+def inf_gradient(engine, x):
+    """sqrt at 0: the loss is 0, its gradient is inf (a real overflow, no injection)."""
+    y = engine(x).float().sum()
+    return torch.sqrt(y - y.detach())
+
+
+def engine_steps(zero_stage: int, dtype: str) -> dict:
+    engine, weights = ds_engine(zero_stage, dtype)
+    x = torch.ones(1, 4, dtype=next(engine.module.parameters()).dtype)
     out = {}
     before = weights()
-    # sqrt at 0: the loss is 0, its gradient is inf (a real overflow, no injection)
-    y = engine(x).float().sum()
-    loss = torch.sqrt(y - y.detach())
-    out["inf_grad_loss"] = loss.item()
-    out["inf_grad_applied"] = apply_step(engine, loss, ranks, zero_stage)
+    out["inf_grad_loss"] = inf_gradient(engine, x).item()
+    out["inf_grad_applied"] = learner_step(engine, zero_stage, lambda: inf_gradient(engine, x))
     out["inf_grad_unchanged"] = all(torch.equal(before[k], v) for k, v in weights().items())
-    out["nan_loss_applied"] = apply_step(engine, engine(x).float().sum() * math.nan, ranks, zero_stage)
+    out["nan_loss_applied"] = learner_step(engine, zero_stage, lambda: engine(x).float().sum() * math.nan)
     out["nan_loss_unchanged"] = all(torch.equal(before[k], v) for k, v in weights().items())
-    out["good_applied"] = apply_step(engine, (engine(x).float() - 1).pow(2).sum(), ranks, zero_stage)
+    out["good_applied"] = learner_step(engine, zero_stage, lambda: (engine(x).float() - 1).pow(2).sum())
     out["good_changed"] = not all(torch.equal(before[k], v) for k, v in weights().items())
     return out
 
@@ -402,6 +418,100 @@ def test_nonfinite_gradients_skip_the_optimizer_step(deepspeed_world1, dtype):
         assert got["inf_grad_applied"] is False and got["inf_grad_unchanged"], stage  # ... whose step was skipped
         assert got["nan_loss_applied"] is False and got["nan_loss_unchanged"], stage
         assert got["good_applied"] is True and got["good_changed"], stage  # the next good step goes through
+
+
+@pytest.mark.parametrize("zero_stage", [3, 2, 0])
+def test_gradient_accumulation_equals_one_larger_batch_and_a_bad_micro_batch_skips_the_step(
+        deepspeed_world1, zero_stage):
+    """train.grad_accum=2 with batch 1 takes the same steps as batch 2 (SGD, no clipping: an
+    update proportional to the gradient). A step with one non-finite micro-batch is skipped
+    whole, whichever micro-batch it is: a loss of inf whose gradients are finite (only the loss
+    check can catch it, after a good micro-batch was accumulated) or an inf gradient under a
+    finite loss (before a good one); nothing of a skipped step reaches the next one."""
+    no_clip = "optim.grad_clip=1e9"
+    big, big_weights = ds_engine(zero_stage, "float32", no_clip, optimizer=torch.optim.SGD)
+    accum, accum_weights = ds_engine(zero_stage, "float32", no_clip, "train.grad_accum=2", optimizer=torch.optim.SGD)
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(4, 1, generator=torch.Generator().manual_seed(2))
+
+    def mse(engine, rows):
+        return lambda: (engine(x[rows]) - y[rows]).pow(2).mean()
+
+    before = accum_weights()
+    assert learner_step(accum, zero_stage, mse(accum, [0]), lambda: mse(accum, [1])() + math.inf) is False
+    assert learner_step(accum, zero_stage, lambda: inf_gradient(accum, x[:1]), mse(accum, [1])) is False
+    assert all(torch.equal(before[k], v) for k, v in accum_weights().items())
+    for rows in ([0, 1], [2, 3]):
+        assert learner_step(big, zero_stage, mse(big, rows)) is True
+        assert learner_step(accum, zero_stage, mse(accum, rows[:1]), mse(accum, rows[1:])) is True
+        got, want = accum_weights(), big_weights()
+        assert not torch.equal(got["weight"], before["weight"])
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+TWO_RANKS = """
+import json, math, os, sys
+import deepspeed, torch
+from dopsd_ray.config import load_config
+from dopsd_ray.learner import backward_micro, deepspeed_config, finish_step
+from dopsd_ray.ranks import LearnerRanks
+from dopsd_ray.sync.buckets import gather_zero3_buckets
+
+torch.set_num_threads(1)
+rank = int(os.environ["RANK"])
+deepspeed.init_distributed(dist_backend="gloo")
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+cfg = load_config(sys.argv[1], ["train.batch_size=1", "train.grad_accum=2"])  # ZeRO-3
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
+                                  config=deepspeed_config(cfg))
+ranks = LearnerRanks(rank, 2, "cpu")
+
+def weights():
+    return {k: v.clone() for b in gather_zero3_buckets(list(engine.module.named_parameters()), 10**6)
+            for k, v in b.items()}
+
+def step(bad_rank):
+    finite = True
+    for micro in range(2):
+        loss = (engine(torch.ones(1, 4)) - 1).pow(2).mean()
+        if rank == bad_rank and micro == 1:
+            loss = loss + math.inf  # this rank's second micro-batch: a non-finite loss, finite gradients
+        finite = backward_micro(engine, loss, ranks, last=micro == 1) and finite
+    return finish_step(engine, ranks, 3, finite)
+
+before = weights()
+out = {"bad_applied": step(bad_rank=1)}
+out["unchanged"] = all(torch.equal(before[k], v) for k, v in weights().items())
+out["good_applied"] = step(bad_rank=None)
+out["changed"] = not all(torch.equal(before[k], v) for k, v in weights().items())
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_nonfinite_micro_batch_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Two learner ranks (two processes, gloo, ZeRO-3, two micro-batches a step): rank 1's second
+    micro-batch has a non-finite loss, rank 0's are all finite. Both ranks skip the step and
+    change nothing, and take the next good step together. (Processes of their own: one per
+    rank, each with its own default group; about 20 s on 2 cores, hence slow.)"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank), PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen([sys.executable, "-c", TWO_RANKS, str(TINY)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for rank, (p, output) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, output[-4000:]
+        got = json.loads(output.split("RESULT ", 1)[1])
+        assert got == {"bad_applied": False, "unchanged": True, "good_applied": True, "changed": True}, rank
 
 
 # -- 7. nothing is unpickled ---------------------------------------------------------------

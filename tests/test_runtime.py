@@ -5,12 +5,17 @@ them: FLUX.2-klein async SFT (a rollout worker killed), FLUX.2-klein colocated D
 learner killed) and the re-run with the same train.run_name (resumes in the same MLflow run).
 """
 
+import contextlib
+import io
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from dopsd_ray.checkpoint import checkpoint_dir_name
 from dopsd_ray.config import load_config
 from dopsd_ray.driver import train
 
@@ -41,13 +46,21 @@ def history(client, summary, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(summary["mlflow_run_id"], key), key=lambda m: m.step)]
 
 
+# two micro-batches of one image per step (the same images per step as tiny.yaml's batch of 2),
+# the learning rate warming up, then decaying
+ACCUMULATE = ["train.batch_size=1", "train.grad_accum=2", "optim.scheduler=cosine", "optim.warmup_steps=1"]
+
+
 @pytest.fixture(scope="module")
 def colocated(out):
-    return run(out, "colocated")
+    """(summary, client, what the driver printed)."""
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        summary, client = run(out, "colocated", *ACCUMULATE)
+    return summary, client, printed.getvalue()
 
 
 def test_colocated_dopsd_logs_metrics_grid_and_exports(colocated):
-    summary, client = colocated
+    summary, client, _ = colocated
     losses = history(client, summary, "loss")
     assert [s for s, _ in losses] == [1, 2, 3] and all(v > 0 for _, v in losses)
     for key in ("grad_norm", "lr", "images_per_s", "trained_states_per_s", "learner/wait_fraction"):
@@ -58,13 +71,48 @@ def test_colocated_dopsd_logs_metrics_grid_and_exports(colocated):
     assert lora and all(k.startswith("transformer.") for k in lora)
     run_params = client.get_run(summary["mlflow_run_id"]).data.params
     assert run_params["algorithm.name"] == "dopsd" and run_params["runtime.mode"] == "colocated"
+    # the warm-up step at lr / 2, then a cosine from the full lr (1e-3) over the other two
+    assert [v for _, v in history(client, summary, "lr")] == pytest.approx([5e-4, 1e-3, 5e-4])
+    # a step's images are both micro-batches'
+    seconds = dict(history(client, summary, "learner/step_seconds"))
+    assert [v * seconds[s] for s, v in history(client, summary, "images_per_s")] == pytest.approx([2, 2, 2])
+
+
+def test_the_driver_prints_a_progress_line_per_step_with_an_eta(colocated):
+    """Not a terminal here: plain lines, drawn by the driver from learner rank 0's reports."""
+    summary, client, printed = colocated
+    lines = [line for line in printed.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], printed
+    assert lines[0].endswith("eta --:--:--")  # the first step only starts the clock
+    assert re.fullmatch(r"step 3/3  loss \d+\.\d{5}  [\d.]+ img/s  eta 00:00:00", lines[-1]), lines[-1]
+    losses = [f"{v:.5f}" for _, v in history(client, summary, "loss")]
+    assert [line.split()[3] for line in lines] == losses
+
+
+def test_a_run_resumed_from_a_checkpoint_continues_exactly(out, colocated):
+    """A new run given the colocated run's step-2 checkpoint resumes there and trains step 3
+    with the same learning rate and the same losses as the run that never stopped: the
+    schedule is a function of the step, and the stream passes over the 2 x 2 micro-batches
+    the checkpoint has seen, to the same images and noise."""
+    summary, client, _ = colocated
+    name = "resumed"
+    shutil.copytree(Path(summary["run_dir"]) / "ray_train" / "colocated" / checkpoint_dir_name(2),
+                    out / name / "ray_train" / name / checkpoint_dir_name(2))
+    resumed, resumed_client = run(out, name, *ACCUMULATE)
+    assert history(resumed_client, resumed, "learner/resumed_from_step") == [(2, 2.0)]
+    for key in ("lr", "loss", "loss/dopsd", "grad_norm"):
+        want = [(s, v) for s, v in history(client, summary, key) if s > 2]
+        assert history(resumed_client, resumed, key) == want, key
 
 
 def test_disaggregated_on_policy_with_cached_contexts_reproduces_colocated_losses(out, colocated):
-    # contexts from the cache (data.cache_contexts) on the rollout worker and the learner; the
-    # colocated reference computes them: the cache must change nothing
+    """With two micro-batches a step: each snapshot makes two experiences, both trained on at
+    staleness 0 by the step of that version. Contexts come from the cache (data.cache_contexts)
+    on the rollout worker and the learner; the colocated reference computes them: the cache
+    must change nothing."""
     summary, client = run(out, "onpolicy", "runtime.mode=disaggregated", "runtime.num_rollout_workers=1",
-                          "runtime.max_staleness=0", "runtime.debug_check_sync=true", "data.cache_contexts=true")
+                          "runtime.max_staleness=0", "runtime.debug_check_sync=true", "data.cache_contexts=true",
+                          *ACCUMULATE)
     ref = history(colocated[1], colocated[0], "loss")
     got = history(client, summary, "loss")
     # same seeds, same data order, same weights at every version: equal up to float noise
@@ -72,15 +120,16 @@ def test_disaggregated_on_policy_with_cached_contexts_reproduces_colocated_losse
     for (_, a), (_, b) in zip(got, ref):
         assert a == pytest.approx(b, rel=1e-4)
     assert all(v == 0 for _, v in history(client, summary, "staleness"))
+    assert history(client, summary, "lr") == history(colocated[1], colocated[0], "lr")
     # every experience's weights were exactly the learner's gathered snapshot of its version
-    assert history(client, summary, "count/sync_checked")[-1][1] == 3
+    assert history(client, summary, "count/sync_checked")[-1][1] == 6
     worker = summary["rollout_workers"][0]
     assert worker["version"] == 3  # the worker holds the final snapshot
-    # the fill computed every pair's contexts once; the worker read its 3 batches' (2 pairs each) from
-    # the cache, and it and the learner (sample grids at steps 0 and 3) dropped their encoders
+    # the fill computed every pair's contexts once; the worker read its 6 batches' (1 pair each,
+    # student + teacher) from the cache, and it and the learner dropped their encoders
     contexts = summary["contexts"]
     assert contexts["entries"] == contexts["computed"] > 0
-    assert worker["context_hits"] >= 3 * 2 * 2 and worker["encoders_released_bytes"] > 0
+    assert worker["context_hits"] >= 6 * 2 and worker["encoders_released_bytes"] > 0
     assert history(client, summary, "memory/encoders_released_gb")[0][1] > 0
     assert history(client, summary, "contexts/entries") == [(0, contexts["entries"])]
 
