@@ -28,6 +28,7 @@ from .config import Config, RuntimeConfig
 from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .families import build_tiny
 from .learner import LearnerInputs, train_loop_per_worker
+from .preview import validation_set
 from .preflight import check_resources, preflight
 from .rollout import RolloutWorker
 from .sync.collective import CollectivePublisher
@@ -74,7 +75,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     if cfg.data.repeats > 1:  # a handful of DreamBooth images: read once, fewer, longer epochs
         dataset = dataset.materialize()
         dataset = dataset.union(*[dataset] * (cfg.data.repeats - 1))
-    validation = take_validation(dataset, cfg)
+    validation = validation_set(cfg, take_validation(dataset, cfg))  # the sample grids' columns
 
     # 2. rollout workers (disaggregated modes)
     inputs = LearnerInputs(cfg.model_dump(mode="json"), model_path, validation, (tracking_uri(cfg), mlflow.run_id))
@@ -124,7 +125,8 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
                                  f"{last or 'none yet (no good step reached train.checkpoint_every)'}")
     summary = {
         "run_dir": str(run_dir),
-        "export": str(run_dir / "export"),
+        "export": str(run_dir / "export"),  # the last export; intermediate ones in export/step_NNNNNN
+        "samples": str(run_dir / "samples"),  # the sample grids, step_NNNNNN.png
         "mlflow_tracking_uri": tracking_uri(cfg),
         "mlflow_run_id": mlflow.run_id,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,

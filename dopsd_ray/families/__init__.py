@@ -6,6 +6,7 @@ Every family module has the same surface:
     PIPELINE_CLASS    the class whose save_lora_weights writes the LoRA export
     TEACHER_CONTEXTS  the teacher contexts it can build, its default first
     INFERENCE_STEPS   its deployed few-step setting
+    PIXEL_MULTIPLE    image sides of its models are multiples of this (config checks train.sample_size)
     COMFYUI_BLOCKS, COMFYUI_MODULES   diffusers -> ComfyUI native LoRA names (None: no ComfyUI model)
     build_tiny(path, seed, model_cfg)                          a tiny random pipeline saved under path
     from_config(model_cfg, path, device, transformer_device)   the family loaded from path

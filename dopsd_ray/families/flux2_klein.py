@@ -55,6 +55,7 @@ from .vlm import VLMEncoder, build_tiny_vlm, select_hidden_states
 PIPELINE_CLASS = Flux2KleinPipeline
 TEACHER_CONTEXTS = ("reference", "vlm")  # the released klein recipe's first (module docstring)
 INFERENCE_STEPS = 4  # klein's native few-step setting
+PIXEL_MULTIPLE = 16  # image sides: VAE factor 8 x 2x2 patchify (the loaded family's pixel_multiple, read from its VAE)
 # How users run the stock pipeline (jobs/sample.py): 4 steps, guidance 1.0 (distilled).
 STOCK_SAMPLING = {"guidance_scale": 1.0, "num_inference_steps": INFERENCE_STEPS}
 # Every attention and feed-forward projection of the double-stream blocks
