@@ -5,10 +5,15 @@ them: FLUX.2-klein async SFT (a rollout worker killed), FLUX.2-klein colocated D
 learner killed) and the re-run with the same train.run_name (resumes in the same MLflow run).
 """
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import ZImagePipeline
 from mlflow.tracking import MlflowClient
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dopsd_ray.config import load_config
@@ -43,27 +48,60 @@ def history(client, summary, key):
 
 @pytest.fixture(scope="module")
 def colocated(out):
-    return run(out, "colocated")
+    # grids at steps 0, 2, 4 (tiny.yaml's two validation prompts + the validation pairs), exports at 2 and 4
+    return run(out, "colocated", "train.sample_every=2", "train.export_every=2", steps=4)
 
 
 def test_colocated_dopsd_logs_metrics_grid_and_exports(colocated):
+    from test_samples import grid_cells, is_empty
+
     summary, client = colocated
+    run_id = summary["mlflow_run_id"]
     losses = history(client, summary, "loss")
-    assert [s for s, _ in losses] == [1, 2, 3] and all(v > 0 for _, v in losses)
+    assert [s for s, _ in losses] == [1, 2, 3, 4] and all(v > 0 for _, v in losses)
     for key in ("grad_norm", "lr", "images_per_s", "trained_states_per_s", "learner/wait_fraction"):
         assert history(client, summary, key), key
-    artifacts = [a.path for a in client.list_artifacts(summary["mlflow_run_id"], "samples")]
-    assert "samples/step_000000.png" in artifacts and "samples/step_000003.png" in artifacts
-    lora = load_file(str(Path(summary["export"]) / "pytorch_lora_weights.safetensors"))
-    assert lora and all(k.startswith("transformer.") for k in lora)
-    run_params = client.get_run(summary["mlflow_run_id"]).data.params
+    run_params = client.get_run(run_id).data.params
     assert run_params["algorithm.name"] == "dopsd" and run_params["runtime.mode"] == "colocated"
+
+    # sample grids: rows base / student / teacher / training image, one column per prompt
+    samples = Path(summary["samples"])
+    names = [f"step_{s:06d}.png" for s in (0, 2, 4)]
+    assert sorted(p.name for p in samples.glob("step_*.png")) == names
+    assert sorted(a.path for a in client.list_artifacts(run_id, "samples")) == [f"samples/{n}" for n in names]
+    with safe_open(str(samples / "base.safetensors"), framework="pt") as f:  # the base row, for resumed runs
+        base, prompts = f.get_tensor("images"), json.loads(f.metadata()["prompts"])
+    columns, side = base.shape[0], base.shape[-1]
+    pairs = columns - 2  # after tiny.yaml's two validation prompts
+    assert prompts[:2] == load_config(TINY).train.validation_prompts and len(prompts) == columns and pairs >= 1
+    grids = [grid_cells(samples / n, 4, columns, side) for n in names]
+    for rows in grids:  # teacher and training image: the training-pair columns alone
+        assert [[is_empty(c) for c in row] for row in rows[2:]] == [[True] * 2 + [False] * pairs] * 2
+    assert all(g[0][c].tobytes() == grids[0][0][c].tobytes() for g in grids for c in range(columns))
+    assert all(grids[0][1][c].tobytes() == grids[0][0][c].tobytes() for c in range(columns))  # step 0: the base
+    assert all(grids[2][1][c].tobytes() != grids[0][1][c].tobytes() for c in range(columns))  # trained since
+
+    # exports at steps 2 and 4, and the last again in export/, each loadable by the stock pipeline
+    export = Path(summary["export"])
+    logged = {a.path for d in ("export", "export/step_000002", "export/step_000004")
+              for a in client.list_artifacts(run_id, d)}
+    for d in ("", "step_000002/", "step_000004/"):
+        assert f"export/{d}pytorch_lora_weights.safetensors" in logged, d
+    loras = {d: load_file(str(export / d / "pytorch_lora_weights.safetensors")) for d in ("step_000002", "step_000004", ".")}
+    assert all(k.startswith("transformer.") for k in loras["."])
+    assert all(torch.equal(v, loras["step_000004"][k]) for k, v in loras["."].items())
+    assert any(not torch.equal(v, loras["step_000002"][k]) for k, v in loras["."].items())
+    pipe = ZImagePipeline.from_pretrained(str(Path(summary["run_dir"]) / "tiny_model"))
+    for name, d in (("s2", "step_000002"), ("s4", ".")):
+        pipe.load_lora_weights(str(export / d), adapter_name=name)
+        loaded = get_peft_model_state_dict(pipe.transformer, adapter_name=name)
+        assert all(torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in loras[d].items())
 
 
 def test_disaggregated_on_policy_reproduces_colocated_losses(out, colocated):
     summary, client = run(out, "onpolicy", "runtime.mode=disaggregated", "runtime.num_rollout_workers=1",
                           "runtime.max_staleness=0", "runtime.debug_check_sync=true")
-    ref = history(colocated[1], colocated[0], "loss")
+    ref = history(colocated[1], colocated[0], "loss")[:3]  # the colocated run goes one step further
     got = history(client, summary, "loss")
     # same seeds, same data order, same weights at every version: equal up to float noise
     assert [s for s, _ in got] == [s for s, _ in ref]
