@@ -189,7 +189,16 @@ class TrainConfig(Section):
     output_dir: str = "outputs"
     run_name: str = "dopsd"
     checkpoint_every: int = Field(100, ge=1)
+    # Sample grids (dopsd_ray/preview.py) at step 0 and every sample_every steps: one column per
+    # validation prompt, then one per validation training pair (its caption; teacher and image rows).
     sample_every: int = Field(250, ge=1)
+    validation_prompts: list[str] = Field(default_factory=list)
+    # Side in pixels of the square samples, a multiple of the family's pixel_multiple;
+    # None: the validation training pairs' bucket (height x width).
+    sample_size: int | None = Field(None, ge=1)
+    # A loadable export (LoRA file, or transformer folder) every export_every steps, in
+    # <run dir>/export/step_NNNNNN; the last one also in <run dir>/export. None: the last only.
+    export_every: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
 
 
@@ -257,6 +266,11 @@ class Config(Section):
             self.algorithm.inference_steps = family_module(self.model.family).INFERENCE_STEPS
         if self.model.family == "toy" and self.data.path is None:
             self.data.path = str(TOY_CONCEPT_DIR)
+        multiple = family_module(self.model.family).PIXEL_MULTIPLE
+        if self.train.sample_size is not None and self.train.sample_size % multiple:
+            raise ValueError(f"train.sample_size={self.train.sample_size} is not a multiple of {multiple} "
+                             f"(family {self.model.family!r} needs image sides divisible by {multiple}); "
+                             f"use e.g. {max(multiple, self.train.sample_size // multiple * multiple)}")
         if self.algorithm.name == "sft" and self.runtime.teacher_targets == "rollout":
             raise ValueError("runtime.teacher_targets=rollout has no meaning for algorithm.name=sft")
         return self

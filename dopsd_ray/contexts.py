@@ -31,6 +31,7 @@ padding), lists of one tensor per item, or None.
 """
 
 import hashlib
+import itertools
 import importlib.metadata
 import json
 import os
@@ -214,8 +215,9 @@ def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 # -- the fill (once, before training) ------------------------------------------------------
 
 
-def fill_context_cache(config: dict, model_path: str, data, root: str) -> ContextCache:
-    """Every pair's student and teacher contexts, written under `root` unless already there.
+def fill_context_cache(config: dict, model_path: str, data, root: str, prompts: list[str] = ()) -> ContextCache:
+    """Every pair's student and teacher contexts, and the student contexts of `prompts` (the
+    sample grids' columns), written under `root` unless already there.
 
     data: a Ray Dataset of decoded rows (data/stream.py), or an iterable of them. Both
     kinds are filled whatever the algorithm: sample grids show the teacher context too.
@@ -230,9 +232,12 @@ def fill_context_cache(config: dict, model_path: str, data, root: str) -> Contex
     parts, files = fingerprint_parts(cfg.model, model_path, old["files"] if old else {})
     fingerprint = open_root(root, parts, files, old)
     family, wanted, computed = None, set(), 0
-    for row in data.iter_rows() if hasattr(data, "iter_rows") else data:
-        images, (caption,), _ = collate([row])  # exactly what a training batch holds
-        for kind, image in (("student", None), ("teacher", images[0])):
+    rows = data.iter_rows() if hasattr(data, "iter_rows") else data
+    wanted_entries = (((caption, None), (caption, images[0])) for images, (caption,), _ in (collate([r]) for r in rows))
+    extra = (((prompt, None),) for prompt in prompts)
+    for entries in itertools.chain(wanted_entries, extra):
+        for caption, image in entries:  # a training batch's exact (caption, image); image None: the student's
+            kind = "student" if image is None else "teacher"
             path = entry_path(root, fingerprint, kind, caption, image)
             wanted.add(path)
             if path.is_file():
@@ -241,7 +246,7 @@ def fill_context_cache(config: dict, model_path: str, data, root: str) -> Contex
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 family = load_family(cfg.model, model_path, device=device, transformer_device="cpu")
             context = (family.student_context([caption]) if image is None
-                       else family.teacher_context([caption], images.to(family.device)))
+                       else family.teacher_context([caption], image[None].to(family.device)))
             write_entry(path, *split_context(context.to("cpu"))[0])
             computed += 1
     for stale in [p for kind in KINDS for p in (root / kind).glob("*.safetensors") if p not in wanted]:

@@ -32,6 +32,7 @@ from .contexts import fill_context_cache
 from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .families import build_tiny
 from .learner import LearnerInputs, train_loop_per_worker
+from .preview import validation_set
 from .preflight import check_resources, preflight
 from .progress import ProgressPrinter
 from .rollout import RolloutWorker
@@ -86,14 +87,17 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     if cfg.data.repeats > 1:  # a handful of DreamBooth images: read once, fewer, longer epochs
         pairs = dataset.materialize()
         dataset = pairs.union(*[pairs] * (cfg.data.repeats - 1))
-    validation = take_validation(dataset, cfg)
+    validation = validation_set(cfg, take_validation(dataset, cfg))  # the sample grids' columns
     rt = cfg.runtime
 
-    # 1b. every pair's contexts, computed once before training (learners and workers then free their encoders)
+    # 1b. every pair's contexts, computed once before training (learners and workers then free their encoders),
+    #     and the text contexts of the grids' prompts (their pairs' teacher contexts are the data's)
     contexts = None
     if cfg.data.cache_contexts:
         fill = ray.remote(fill_context_cache).options(**placement(rt.learner_resources))
-        contexts = ray.get(fill.remote(cfg.model_dump(mode="json"), model_path, pairs, str(run_dir / "context_cache")))
+        prompts = validation.prompts if validation is not None else []
+        contexts = ray.get(fill.remote(cfg.model_dump(mode="json"), model_path, pairs, str(run_dir / "context_cache"),
+                                       prompts))
         print(f"context cache: {contexts.entries} contexts, {contexts.computed} computed now, "
               f"{contexts.seconds:.1f} s", flush=True)
         mlflow.log_metrics({"contexts/entries": contexts.entries, "contexts/computed": contexts.computed,
@@ -153,7 +157,8 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
                                  f"{last or 'none yet (no good step reached train.checkpoint_every)'}")
     summary = {
         "run_dir": str(run_dir),
-        "export": str(run_dir / "export"),
+        "export": str(run_dir / "export"),  # the last export; intermediate ones in export/step_NNNNNN
+        "samples": str(run_dir / "samples"),  # the sample grids, step_NNNNNN.png
         "mlflow_tracking_uri": tracking_uri(cfg),
         "mlflow_run_id": mlflow.run_id,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,

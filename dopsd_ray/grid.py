@@ -7,7 +7,7 @@
     )
 
 Cells are image tensors in [-1, 1] shaped (3, H, W) (or (1, 3, H, W), or (1, H, W) for
-grey), PIL images, or None for an empty cell. Cells are as large as the largest image, at
+grey; uint8 tensors are pixels as they are), PIL images, or None for an empty cell. Cells are as large as the largest image, at
 least MIN_CELL pixels on the short side; smaller images are upscaled by an integer factor
 with nearest-neighbour, so tiny 32 px test samples stay visible pixel for pixel. No torch math here beyond the conversion.
 """
@@ -28,9 +28,16 @@ TEXT = (0, 0, 0)
 EMPTY = (230, 230, 230)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 pixels of the same shape, on the CPU (NaN -> grey): the one
+    conversion, so a grid of saved uint8 pixels shows exactly what the floats showed."""
+    x = torch.nan_to_num(images.detach().to("cpu", torch.float32), nan=0.0).clamp(-1, 1)
+    return ((x + 1) * 127.5).round().to(torch.uint8)
+
+
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) / (1, 3, H, W) / (1, H, W) / (H, W) tensor in [-1, 1] -> RGB PIL image."""
-    x = image.detach().to("cpu", torch.float32)
+    """(3, H, W) / (1, 3, H, W) / (1, H, W) / (H, W) tensor in [-1, 1] (or uint8 pixels) -> RGB PIL image."""
+    x = image.detach().cpu()
     if x.ndim == 4:
         if x.shape[0] != 1:
             raise ValueError(f"expected one image, got a batch of shape {tuple(x.shape)}")
@@ -41,9 +48,8 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
         raise ValueError(f"expected an image tensor (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
     if x.shape[0] == 1:
         x = x.expand(3, -1, -1)
-    x = torch.nan_to_num(x, nan=0.0).clamp(-1, 1)
-    pixels = ((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(pixels, mode="RGB")
+    pixels = x if x.dtype == torch.uint8 else to_uint8(x)
+    return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
 def _to_pil(cell: Any) -> Image.Image | None:

@@ -62,7 +62,7 @@ from .contexts import ContextCache, cached_contexts
 from .data.stream import iter_batches
 from .families import comfyui_keys, lora_targets, load_family, pipeline_class
 from .families.base import Family
-from .preview import sample_grid_for
+from .preview import BASE_FILE, ValidationSet, load_base, save_base, student_samples, teacher_samples, validation_grid
 from .progress import progress_report
 from .ranks import LearnerRanks
 from .sync import WeightPublisher
@@ -77,7 +77,7 @@ class LearnerInputs:
 
     config: dict  # Config.model_dump(mode="json")
     model_path: str
-    validation: tuple | None = None  # (captions, images) for sample grids
+    validation: ValidationSet | None = None  # the sample grids' columns (preview.validation_set)
     tracking: tuple[str, str] | None = None  # (tracking_uri, run_id) of the driver's MLflow run
     weight_sync: WeightPublisher | None = None  # disaggregated: learner rank 0's end of the transport
     experience_queue: Any = None  # disaggregated: the ray.util.queue.Queue rollout workers fill
@@ -203,6 +203,7 @@ class Learner:
         self.queue = inputs.experience_queue  # disaggregated: where experiences come from
         self.progress = inputs.progress
         self.validation = inputs.validation
+        self.base_images: torch.Tensor | None = None  # rank 0: the grids' base row (uint8), once known
         self.tracking = inputs.tracking
         self.contexts = inputs.contexts
         self.step = 0
@@ -225,6 +226,8 @@ class Learner:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         # encoders onto the GPU; the transformer stays on the CPU until DeepSpeed places it
         self.family = load_family(cfg.model, self.model_path, device=self.device, transformer_device="cpu")
+        if self.validation is not None:  # before anything slow: a bad train.sample_size fails here
+            self.validation.check_size(self.family.pixel_multiple)
         if self.contexts is not None:  # every context is in the cache: the encoders leave the GPU
             self.family = cached_contexts(self.family, self.contexts)
         if cfg.model.gradient_checkpointing:
@@ -283,7 +286,9 @@ class Learner:
         if self.publisher is not None:  # first, so rollout workers start while the step-0 grid is drawn
             self.publish_weights()
         if self.step == 0:
-            self.log_samples()
+            self.log_samples()  # the student before any update is the base: its row is kept
+        elif self.validation is not None:
+            self.base_images = self.resumed_base()
         if self.resumed_from is not None and self.mlflow:
             self.mlflow.log_metrics({"learner/resumed_from_step": self.resumed_from}, step=self.step)
         if self.contexts is not None and self.mlflow:
@@ -312,7 +317,9 @@ class Learner:
             due = self.step % cfg.train.checkpoint_every == 0 and self.consecutive_skips == 0
             if due or self.step == cfg.train.steps:
                 self.checkpoint()
-        self.export()
+            if cfg.train.export_every and self.step % cfg.train.export_every == 0 and self.step < cfg.train.steps:
+                self.export(final=False)
+        self.export(final=True)
         if self.publisher is not None and self.rank == 0:
             self.publisher.close()
         return None
@@ -463,15 +470,25 @@ class Learner:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(self.step),
                              checkpoint_upload_fn=ray_upload_fn(self.experiment_dir()))
 
-    def export(self) -> None:
+    def export(self, final: bool) -> None:
+        """The student, loadable (LoRA file or transformer folder): in <run dir>/export/step_NNNNNN
+        when the step is a multiple of train.export_every, and in <run dir>/export when `final`.
+        Every rank takes part in the gathers; rank 0 writes and logs to MLflow under the same paths."""
         student = self.full_state(STUDENT)
-        if self.rank == 0:
-            out = Path(self.cfg.run_dir) / "export"
-            family = self.cfg.model.family
+        if self.rank != 0:
+            return
+        every = self.cfg.train.export_every
+        names = ([f"export/step_{self.step:06d}"] if every and self.step % every == 0 else []) + (
+            ["export"] if final else [])
+        family = self.cfg.model.family
+        for name in names:
+            out = Path(self.cfg.run_dir) / name
             self.weights.export(out, pipeline_class(family), state=student, comfyui=comfyui_keys(family))
+            if self.mlflow:  # the files alone: export/ also holds the step_NNNNNN folders, logged each on its own
+                for f in sorted(p for p in out.iterdir() if p.is_file()):
+                    self.mlflow.log_artifact(str(f), name)
+        if final:
             (Path(self.cfg.run_dir) / "config.resolved.json").write_text(self.cfg.model_dump_json(indent=2))
-            if self.mlflow:
-                self.mlflow.log_artifact(str(out), "export")
 
     # -- observability -------------------------------------------------------------
     def log_step(self, step: dict, step_s: float, sync: dict) -> None:
@@ -505,9 +522,45 @@ class Learner:
             self.progress.put(progress_report(self.step, self.cfg.train.steps, row["loss"], row["images_per_s"]))
 
     def log_samples(self) -> None:
-        if not self.validation:
+        """The grid of this step (preview.py): to <run dir>/samples/step_NNNNNN.png and MLflow.
+        Every rank samples (ZeRO-3 gathers), rank 0 alone decodes and writes. At step 0 the
+        student is the base (LoRA B = 0, full fine-tuning untouched): its row is kept as the
+        base row of every later grid, and saved for resumed runs."""
+        val = self.validation
+        if val is None:
             return
-        # every rank samples (ZeRO-3 gathers), rank 0 alone decodes and logs
-        grid = sample_grid_for(self.family, self.weights, self.validation, self.cfg, decode=self.rank == 0)
-        if self.mlflow and grid is not None:
-            self.mlflow.log_image(grid, f"samples/step_{self.step:06d}.png")
+        steps, decode = self.cfg.algorithm.inference_steps, self.rank == 0
+        student = student_samples(self.family, self.weights.model, val, steps, decode)
+        teacher = teacher_samples(self.family, self.weights, val, steps, decode)
+        if not decode:
+            return
+        samples = Path(self.cfg.run_dir) / "samples"
+        samples.mkdir(parents=True, exist_ok=True)
+        if self.step == 0:
+            self.base_images = save_base(samples / BASE_FILE, student, val, steps)
+        grid = validation_grid(val, student, teacher, f"student step {self.step}", base=self.base_images)
+        name = f"step_{self.step:06d}.png"
+        grid.save(samples / name)
+        if self.mlflow:
+            self.mlflow.log_artifact(str(samples / name), "samples")
+
+    def resumed_base(self) -> torch.Tensor | None:
+        """A resumed run's base row (rank 0; None elsewhere): the one saved at step 0, or, when
+        it is missing or was made for other columns, sampled again with the LoRA adapters off.
+        Full fine-tuning keeps no base weights: then there is no base row, and rank 0 says why."""
+        val, steps = self.validation, self.cfg.algorithm.inference_steps
+        path = Path(self.cfg.run_dir) / "samples" / BASE_FILE
+        saved = load_base(path, val, steps) if self.rank == 0 else None
+        if self.ranks.from_rank0(int(saved is not None)):  # every rank takes the same branch
+            return saved
+        with self.weights.base() as base:
+            if base is None:
+                if self.rank == 0:
+                    print(f"sample grids: no base row: {path} is missing or was made for other prompts, seeds or "
+                          "size, and full fine-tuning keeps no copy of the base weights to sample it again",
+                          flush=True)
+                return None
+            images = student_samples(self.family, base, val, steps, decode=self.rank == 0)
+        if self.rank != 0:
+            return None
+        return save_base(path, images, val, steps)

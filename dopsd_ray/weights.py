@@ -7,6 +7,7 @@ Two implementations of one small surface (used by the learner and the rollout wo
 
     weights.model                      # the module to call for the student
     with weights.teacher() as model:   # the module to call for the teacher (no grad)
+    with weights.base() as model:      # the untrained base (LoRA: adapters off), or None
     weights.trainable_parameters()     # what the optimizer updates
     weights.named_parameters(which)    # (key, param) of the student or teacher
     weights.export(path, pipeline_class, comfyui=...)   # LoRA: scale folded in, + a ComfyUI copy
@@ -48,6 +49,8 @@ class Weights(Protocol):
     def named_parameters(self, which: str = STUDENT) -> list[tuple[str, nn.Parameter]]: ...
 
     def teacher(self) -> AbstractContextManager[nn.Module]: ...
+
+    def base(self) -> AbstractContextManager[nn.Module | None]: ...
 
     def base_as_buffers(self) -> int: ...
 
@@ -118,6 +121,17 @@ class LoraWeights:
                 yield self.model
         finally:
             self.model.set_adapter(STUDENT)
+
+    @contextmanager
+    def base(self):
+        """The frozen base with every adapter off (no grad): the untrained model."""
+        self.model.disable_adapters()
+        try:
+            with torch.no_grad():
+                yield self.model
+        finally:
+            self.model.enable_adapters()
+            self.model.set_adapter(STUDENT)  # (enable_adapters may make every adapter trainable)
 
     def named_parameters(self, which: str = STUDENT) -> list[tuple[str, nn.Parameter]]:
         """(key, parameter) of one adapter; keys drop the adapter name, as diffusers LoRA files do
@@ -323,6 +337,11 @@ class FullWeights:
             raise RuntimeError("these weights were built without a teacher (with_teacher=False)")
         with torch.no_grad():
             yield self._teacher
+
+    @contextmanager
+    def base(self):
+        """None: full fine-tuning trains the base in place and keeps no copy of it."""
+        yield None
 
     def named_parameters(self, which: str = STUDENT) -> list[tuple[str, nn.Parameter]]:
         if which == TEACHER:

@@ -5,11 +5,12 @@
 
 D-OPSD can only teach what the teacher (the same model given caption + target image)
 already renders (docs/method.md, "Known failure modes"). This draws N training pairs,
-samples each at the family's few-step setting from the fresh weights (LoRA at its
-initialisation = the base model, teacher = student) twice, with the same noise: from the
-caption alone (what the student does now) and from the teacher context. It writes a grid,
-rows target / student / teacher context, and prints per pair how far each sample is from
-its target (mean absolute pixel difference, 0-255).
+samples each at the family's few-step setting (train.sample_size) from the fresh weights
+(LoRA at its initialisation = the base model, teacher = student) twice, with the same noise:
+from the caption alone (what the student does now) and from the teacher context. It writes
+the grid training runs draw (dopsd_ray/preview.py), rows student / teacher / training image,
+and prints per pair how far each sample is from its target (mean absolute pixel difference,
+0-255).
 
 Overrides are section.key=value (YAML values), as for jobs/train.py.
 """
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     import torch
 
     from dopsd_ray.families import build_tiny, load_family, lora_targets
-    from dopsd_ray.preview import pixel_gaps, preview_grid, preview_samples
+    from dopsd_ray.preview import pixel_gaps, student_samples, teacher_samples, validation_grid, validation_set
     from dopsd_ray.weights import make_weights
 
     if cfg.runtime.torch_threads:
@@ -80,17 +81,25 @@ def main(argv=None) -> int:
     if validation is None:
         print(f"error: no usable training pairs in {data_path!r} (data.path)", file=sys.stderr)
         return 2
+    val = validation_set(cfg, validation, prompts=[])  # the training pairs alone
+    try:
+        val.check_size(family.pixel_multiple)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     captions, images = validation
 
     # 3. student (caption only) and teacher-context samples, same noise, few-step setting
     steps = cfg.algorithm.inference_steps
-    student, teacher = preview_samples(family, weights, captions, images, steps, cfg.train.seed)
+    student = student_samples(family, weights.model, val, steps)
+    teacher = teacher_samples(family, weights, val, steps)
     out.parent.mkdir(parents=True, exist_ok=True)
-    preview_grid(captions, images, student, teacher, steps).save(out)
+    validation_grid(val, student, teacher, f"student = base ({steps} steps)").save(out)
 
     print(f"teacher preview: {out}")
-    print(f"  {len(captions)} training pairs at {images.shape[-1]}x{images.shape[-2]}, {steps} steps; "
-          "rows: target / student from the caption alone / teacher context (caption + target image)")
+    print(f"  {len(captions)} training pairs at {images.shape[-1]}x{images.shape[-2]}, sampled at "
+          f"{val.width}x{val.height}, {steps} steps; rows: student from the caption alone / teacher context "
+          "(caption + training image) / training image")
     print("  How to read it: if the teacher row does not show your concept, D-OPSD cannot teach it "
           "(the teacher is the ceiling); fix the data or the teacher context before training.")
     print("  mean abs pixel difference to the target (0-255; a teacher much closer than the student "

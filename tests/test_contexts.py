@@ -24,7 +24,7 @@ from dopsd_ray.families.base import tensor_bytes
 from dopsd_ray.families.flux2_klein import build_tiny_flux2_klein
 from dopsd_ray.families.toy import build_tiny_toy
 from dopsd_ray.families.zimage import build_tiny_zimage
-from dopsd_ray.preview import preview_latents
+from dopsd_ray.preview import ValidationSet, student_samples, teacher_samples
 from dopsd_ray.weights import make_weights
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -76,7 +76,8 @@ def test_cached_contexts_give_the_same_losses_and_samples_and_the_encoders_are_f
         torch.manual_seed(0)
         weights = make_weights(f.transformer, cfg.lora, lora_targets(cfg.model.family))
         loss, _ = colocated_loss(f, weights, Batch(images, captions, ids, index=3), sigmas, cfg.algorithm)
-        results.append((loss.item(), *preview_latents(f, weights, captions, images, 2)))
+        val = ValidationSet(captions, [0, 1], height, width, images)  # a sample grid of the two pairs
+        results.append((loss.item(), student_samples(f, weights.model, val, 2), teacher_samples(f, weights, val, 2)))
     (loss_plain, *samples_plain), (loss_cached, *samples_cached) = results
     assert loss_cached == pytest.approx(loss_plain, rel=1e-6, abs=1e-9)
     for a, b in zip(samples_plain, samples_cached):

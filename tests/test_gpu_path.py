@@ -24,7 +24,7 @@ from dopsd_ray.checkpoint import check_checkpoint, load_checkpoint, write_checkp
 from dopsd_ray.config import load_config
 from dopsd_ray.families import build_tiny, load_family, lora_targets
 from dopsd_ray.learner import deepspeed_config
-from dopsd_ray.preview import sample_grid_for
+from dopsd_ray.preview import student_samples, teacher_samples, validation_set
 from dopsd_ray.rollout import RolloutWorker
 from dopsd_ray.sync.buckets import gather_zero3_buckets
 from dopsd_ray.sync.object_store import SnapshotLost, WeightStore
@@ -289,12 +289,17 @@ def test_zero3_leaves_the_frozen_lora_base_whole_and_the_outputs_unchanged(deeps
 def test_grids_decode_one_image_at_a_time_and_only_where_shown(tiny_dirs):
     w = worker(tiny_dirs, "zimage", "runtime.teacher_targets=rollout", "runtime.max_staleness=1")
     cfg, weights, batch = w.cfg, w.weights, batch_for(w, n=2)
+    val = validation_set(cfg, (batch.captions, batch.images), prompts=["a cross"])
+    steps = cfg.algorithm.inference_steps
     decoded = []
     hook = w.family.vae.decoder.register_forward_hook(lambda m, args, out: decoded.append(args[0].shape[0]))
     try:
-        assert sample_grid_for(w.family, weights, (batch.captions, batch.images), cfg, decode=False) is None
+        assert student_samples(w.family, weights.model, val, steps, decode=False) is None
+        assert teacher_samples(w.family, weights, val, steps, decode=False) is None
         assert decoded == []  # ranks > 0 take part in the sampling forwards, and decode nothing
-        grid = sample_grid_for(w.family, weights, (batch.captions, batch.images), cfg)
+        student = student_samples(w.family, weights.model, val, steps)
+        teacher = teacher_samples(w.family, weights, val, steps)
     finally:
         hook.remove()
-    assert decoded == [1] * 4 and grid.size[0] > 0  # student and teacher rows, one image per decode
+    # 3 student columns (a prompt, 2 pairs) + 2 teacher columns (the pairs), one image per decode
+    assert decoded == [1] * 5 and student.shape[0] == 3 and teacher.shape[0] == 2

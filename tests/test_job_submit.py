@@ -32,7 +32,8 @@ RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_na
 HEAD_START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 420  # measured ~160 s on a busy 2-core machine
 
-pytestmark = pytest.mark.timeout(HEAD_START_TIMEOUT_S + JOB_TIMEOUT_S + 180)
+# slow: a Ray head of its own plus a whole job (about 2 minutes); .ci/run runs `pytest -m slow` too
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(HEAD_START_TIMEOUT_S + JOB_TIMEOUT_S + 180)]
 
 
 def _free_ports(n: int) -> list[int]:

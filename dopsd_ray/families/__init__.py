@@ -6,6 +6,7 @@ Every family module has the same surface:
     PIPELINE_CLASS    the class whose save_lora_weights writes the LoRA export
     TEACHER_CONTEXTS  the teacher contexts it can build, its default first
     INFERENCE_STEPS   its deployed few-step setting
+    PIXEL_MULTIPLE    image sides of its models are multiples of this (config checks train.sample_size)
     COMFYUI_BLOCKS, COMFYUI_MODULES   diffusers -> ComfyUI native LoRA names (None: no ComfyUI model)
     CONTEXT_FILES     the pipeline's subfolders whose files make contexts (contexts.py fingerprints them)
     default_teacher_vlm(path)   the teacher VLM when model.teacher_vlm_path is unset (families with "vlm")

@@ -58,6 +58,7 @@ TEACHER_CONTEXTS = ("reference", "vlm")  # the released klein recipe's first (mo
 # teacher VLM's folder for "vlm": contexts.py fingerprints their files.
 CONTEXT_FILES = ("text_encoder", "tokenizer", "vae")
 INFERENCE_STEPS = 4  # klein's native few-step setting
+PIXEL_MULTIPLE = 16  # image sides: VAE factor 8 x 2x2 patchify (the loaded family's pixel_multiple, read from its VAE)
 # How users run the stock pipeline (jobs/sample.py): 4 steps, guidance 1.0 (distilled).
 STOCK_SAMPLING = {"guidance_scale": 1.0, "num_inference_steps": INFERENCE_STEPS}
 # Every attention and feed-forward projection of the double-stream blocks

@@ -41,6 +41,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
 TEACHER_CONTEXTS = ("image_tokens",)  # caption tokens + image tokens of the target
 CONTEXT_FILES = ("text_encoder", "tokenizer", "vision_encoder")  # what makes contexts (contexts.py fingerprints it)
 INFERENCE_STEPS = 4
+PIXEL_MULTIPLE = 8  # image sides: PATCH x the UNet's 2 ** 2 downsamplings (ToyFamily.pixel_multiple)
 COMFYUI_BLOCKS = COMFYUI_MODULES = None  # the toy UNet is no ComfyUI model: a diffusers-format LoRA file only
 HIDDEN = 64  # text and image token width = the UNet's cross_attention_dim
 SHIFT = 3.0  # static timestep shift of the schedule (module docstring)

@@ -40,6 +40,7 @@ TEACHER_CONTEXTS = ("vlm",)
 # fingerprints their files.
 CONTEXT_FILES = ("text_encoder", "tokenizer")
 INFERENCE_STEPS = 8  # Turbo's 8 NFE
+PIXEL_MULTIPLE = 16  # image sides: VAE factor 8 x patch 2 (the loaded family's pixel_multiple, read from its VAE)
 # How users run the stock pipeline (jobs/sample.py): 8 steps, no CFG (guidance-distilled).
 STOCK_SAMPLING = {"guidance_scale": 0.0, "num_inference_steps": INFERENCE_STEPS}
 # Per block of noise_refiner.N, context_refiner.N and layers.N.
