@@ -57,7 +57,7 @@ from .contexts import ContextCache, cached_contexts
 from .data.stream import iter_batches
 from .families import comfyui_keys, lora_targets, load_family, pipeline_class
 from .families.base import Family
-from .plan import check_fits
+from .plan import check_this_gpu
 from .preview import sample_grid_for
 from .ranks import LearnerRanks
 from .sync import WeightPublisher
@@ -190,9 +190,7 @@ class Learner:
         self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         self.ranks = LearnerRanks(self.rank, self.world, self.device)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        if self.device.type == "cuda" and cfg.runtime.gpu_memory_gb is None and not cfg.model.tiny \
-                and cfg.model.family != "toy":  # preflight checked a set gpu_memory_gb; else this GPU's own
-            check_fits(cfg, torch.cuda.get_device_properties(self.device).total_memory / 2**30, self.model_path)
+        check_this_gpu(cfg, self.device, self.model_path)  # runtime.gpu_memory_gb unset: before any weight loads
         # encoders onto the GPU; the transformer stays on the CPU until DeepSpeed places it
         self.family = load_family(cfg.model, self.model_path, device=self.device, transformer_device="cpu")
         if self.contexts is not None:  # every context is in the cache: the encoders leave the GPU

@@ -173,6 +173,13 @@ class Plan:
         return self.gpu_memory_gb is None or all(
             self.total(role) <= self.gpu_memory_gb * GIB * GPU_MARGIN for role in self.rows)
 
+    def refusal(self) -> str:
+        """One line: how much the largest role needs and what to change."""
+        role = max(self.rows, key=self.total)
+        return (f"the recipe needs {self.total(role) / GIB:.1f} GiB per {role} but the GPU has {self.gpu_memory_gb:g} GiB "
+                f"(x {GPU_MARGIN} margin); change " + ("; or ".join(self.advice) or "the model or the GPU")
+                + " (python jobs/plan.py --config RECIPE shows every row)")
+
     def report(self) -> str:
         lines = []
         for role, rows in self.rows.items():
@@ -296,9 +303,22 @@ def check_fits(cfg: Config, gpu_memory_gb: float, model_path: str | None = None)
     """Raise ConfigError naming what to change when the recipe cannot fit `gpu_memory_gb` per GPU."""
     p = plan(cfg, count(cfg, model_path), gpu_memory_gb, model_path=model_path)
     if not p.fits:
-        role = max(p.rows, key=p.total)
-        raise ConfigError(
-            f"the recipe needs {p.total(role) / GIB:.1f} GiB per {role} but the GPU has {gpu_memory_gb:g} GiB "
-            f"(x {GPU_MARGIN} margin); change " + ("; or ".join(p.advice) or "the model or the GPU")
-            + " (python jobs/plan.py --config RECIPE shows every row)")
+        raise ConfigError(p.refusal())
     return p
+
+
+def check_this_gpu(cfg: Config, device: torch.device, model_path: str | None = None) -> None:
+    """A learner rank's check when runtime.gpu_memory_gb is unset: against its own GPU's memory, before
+    loading weights. Skipped on CPU, for tiny / toy models, and (with a note) for a model whose config
+    files plan.py cannot find."""
+    if device.type != "cuda" or cfg.runtime.gpu_memory_gb is not None or cfg.model.tiny or cfg.model.family == "toy":
+        return
+    try:
+        counts = count(cfg, model_path)
+    except ConfigError as err:
+        print(f"memory check skipped: {err}", flush=True)
+        return
+    gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    p = plan(cfg, counts, gib, model_path=model_path)
+    if not p.fits:
+        raise ConfigError(p.refusal())
