@@ -220,6 +220,10 @@ class RuntimeConfig(Section):
     buffer_size: int = Field(4, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 3
     offload_optimizer: bool = False
+    # GiB per GPU for the memory check (dopsd_ray/plan.py): preflight refuses a recipe that cannot fit
+    # it, naming what to change. None: each GPU learner rank checks against its own GPU's memory
+    # before loading weights (skipped on CPU).
+    gpu_memory_gb: float | None = Field(None, gt=0)
     max_failures: int = Field(2, ge=0)
     torch_threads: int | None = Field(None, ge=1)
     # A GPU learner with CPU-only rollout workers is refused (a 6B roll-out on CPU is about

@@ -62,6 +62,7 @@ from .contexts import ContextCache, cached_contexts
 from .data.stream import iter_batches
 from .families import comfyui_keys, lora_targets, load_family, pipeline_class
 from .families.base import Family
+from .plan import check_this_gpu
 from .preview import BASE_FILE, ValidationSet, load_base, save_base, student_samples, teacher_samples, validation_grid
 from .progress import progress_report
 from .ranks import LearnerRanks
@@ -224,6 +225,7 @@ class Learner:
         self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         self.ranks = LearnerRanks(self.rank, self.world, self.device)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        check_this_gpu(cfg, self.device, self.model_path)  # runtime.gpu_memory_gb unset: before any weight loads
         # encoders onto the GPU; the transformer stays on the CPU until DeepSpeed places it
         self.family = load_family(cfg.model, self.model_path, device=self.device, transformer_device="cpu")
         if self.validation is not None:  # before anything slow: a bad train.sample_size fails here

@@ -7,6 +7,9 @@ learner with CPU-only rollout workers; NCCL ranks that could share a GPU), check
 Ray would have (CPUs, GPUs), so a recipe this machine cannot place fails without starting
 Ray at all. `check_resources(cfg)` checks against a running cluster
 (ray.cluster_resources()), after `ray.init` connected to it and before any actor starts.
+With runtime.gpu_memory_gb set, `check_memory(cfg)` also refuses a recipe whose per-rank memory
+(dopsd_ray/plan.py: the models built from their config files, no weights) cannot fit, naming what
+to change; with it unset the learner ranks run the same check against their own GPU.
 (Unknown keys, wrong types, out-of-range values and unsupported teacher contexts fail
 earlier still, in config.load_config.)
 """
@@ -136,9 +139,18 @@ def starts_local_ray() -> bool:
         return os.environ.get("RAY_ADDRESS", "") in ("", "local")
 
 
+def check_memory(cfg: Config) -> None:
+    """With runtime.gpu_memory_gb: refuse a recipe that cannot fit that GPU (plan.check_fits)."""
+    if cfg.runtime.gpu_memory_gb is not None and not cfg.model.tiny and cfg.model.family != "toy":
+        from .plan import check_fits
+
+        check_fits(cfg, cfg.runtime.gpu_memory_gb)
+
+
 def preflight(cfg: Config) -> None:
-    """Before Ray: placement, paths; and resources, if this process is about to start a local Ray."""
+    """Before Ray: placement, paths, memory; and resources, if this process is about to start a local Ray."""
     check_placement(cfg)  # first: on a machine without GPUs the local check would hide its reason
     check_paths(cfg)
+    check_memory(cfg)
     if starts_local_ray():
         check_resources(cfg, local_resources(), where="this machine (the local Ray it would start)")

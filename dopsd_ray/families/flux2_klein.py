@@ -94,6 +94,15 @@ DEFAULT_INSTRUCTION = "Make the main subject, background, and overall compositio
 DEFAULT_OUT_LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers
 REFERENCE_T = 10  # the pipeline's _prepare_image_ids: the i-th reference image gets t = 10 + 10 * i
 TINY_VLM_DIR = "teacher_vlm"  # where build_tiny_flux2_klein puts the tiny teacher VLM
+# The memory plan (dopsd_ray/plan.py) builds each component from its config.json on the meta device.
+COMPONENT_CLASSES = {"transformer": Flux2Transformer2DModel, "text_encoder": Qwen3ForCausalLM, "vae": AutoencoderKLFlux2}
+
+
+def plan_shape(config: dict) -> tuple[int, int, int]:
+    """(hidden size, transformer blocks, image pixels per token) of a transformer config.json, for the
+    plan's activation estimate: double- and single-stream blocks alike; VAE /8, 2x2 patchify, patch 1."""
+    return (config["num_attention_heads"] * config["attention_head_dim"],
+            config["num_layers"] + config["num_single_layers"], 16 * config.get("patch_size", 1))
 
 
 @dataclass(frozen=True)

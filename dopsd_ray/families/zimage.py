@@ -62,6 +62,14 @@ COMFYUI_MODULES = {
 }
 TINY_VLM_DIR = "teacher_vlm"  # where build_tiny_zimage puts the tiny teacher VLM
 SEQ_MULTI_OF = 32  # the transformer pads captions to a multiple of this
+# The memory plan (dopsd_ray/plan.py) builds each component from its config.json on the meta device.
+COMPONENT_CLASSES = {"transformer": ZImageTransformer2DModel, "text_encoder": Qwen3Model, "vae": AutoencoderKL}
+
+
+def plan_shape(config: dict) -> tuple[int, int, int]:
+    """(hidden size, transformer blocks, image pixels per token) of a transformer config.json, for the
+    plan's activation estimate: the refiners (noise and context) count as blocks; VAE /8, patch 2."""
+    return config["dim"], config["n_layers"] + 2 * config["n_refiner_layers"], 8 * config["all_patch_size"][0]
 
 
 @dataclass
