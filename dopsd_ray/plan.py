@@ -236,7 +236,8 @@ def plan(cfg: Config, c: Counts, gpu_memory_gb: float | None = None, advise: boo
         if c.vlm:
             encoders.append(("teacher VLM (vision + own)", c.vlm * b, f"{c.vlm:,} x {b} B; LM is the text encoder"))
     else:
-        encoders.append(("text encoder + VLM", 0, "released: data.cache_contexts=true"))
+        released = "text encoder + VLM" if c.vlm else "text encoder"
+        encoders.append((released, 0, "released: data.cache_contexts=true"))
     act = activation_bytes(cfg, c, cfg.model.gradient_checkpointing)
     other = activation_bytes(cfg, c, not cfg.model.gradient_checkpointing)
     on = "with" if cfg.model.gradient_checkpointing else "without"

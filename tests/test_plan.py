@@ -72,7 +72,10 @@ def test_plan_prints_every_row_for_every_shipped_recipe(recipe, capsys):
             "activations ESTIMATE", "without gradient checkpointing" if cfg.model.gradient_checkpointing
             else "with gradient checkpointing", "total", "sync payload", "fits in 80 GiB"]
     rows += ["frozen base"] if cfg.lora.enabled else ["ZeRO-3 gathered block"]
-    rows += ["teacher VLM"] if cfg.model.teacher_context == "vlm" else []
+    if cfg.data.cache_contexts:  # the encoders that make contexts leave the GPU
+        rows += ["text encoder + VLM  " if cfg.model.teacher_context == "vlm" else "text encoder  ", "released"]
+    else:
+        rows += ["text encoder"] + (["teacher VLM"] if cfg.model.teacher_context == "vlm" else [])
     rows += ["rollout worker:"] if cfg.runtime.mode == "disaggregated" else []
     assert [r for r in rows if r not in out] == []
     if "_1gpu" in recipe.stem or "_8gpu" in recipe.stem:  # the single-machine recipes fit an 80 GB GPU
