@@ -245,20 +245,18 @@ def sample_kind(family, model, texts: list[str], contexts: list, seed: int, kind
     return samples
 
 
-def builtin_scores(samples: dict[str, Samples], base: dict[str, Samples] | None,
-                   base_energy: float | None) -> dict[str, float]:
-    """Retention, prior drift (base given: an export) and sharpness (module docstring)."""
+def builtin_scores(samples: dict[str, Samples], base_prior: Samples | None, sharpness: float) -> dict[str, float]:
+    """Retention (with references), prior drift (given the base's prior samples) and sharpness."""
     every = list(samples.values())
-    images = torch.cat([s.images for s in every])
     scores = {}
     if every[0].reference_images is not None:
-        scores |= distances("retention", images, torch.cat([s.reference_images for s in every]),
+        scores |= distances("retention", torch.cat([s.images for s in every]),
+                            torch.cat([s.reference_images for s in every]),
                             torch.cat([s.latents for s in every]), torch.cat([s.reference_latents for s in every]))
-    if base is not None and "prior" in samples:
-        mine, theirs = samples["prior"], base["prior"]
-        scores |= distances("prior_drift", mine.images, theirs.images, mine.latents, theirs.latents)
-    energy = high_frequency_energy(images).mean().item()
-    scores["sharpness"] = energy / base_energy if base_energy else 1.0
+    if base_prior is not None:
+        mine = samples["prior"]
+        scores |= distances("prior_drift", mine.images, base_prior.images, mine.latents, base_prior.latents)
+    scores["sharpness"] = sharpness
     return scores
 
 
@@ -278,18 +276,19 @@ def evaluate(family, exports: dict[str, str | Path], prompts: list[Prompt], sett
     contexts = {kind: [family.student_context(t[i:i + step]) for i in range(0, len(t), step)]
                 for kind, t in texts.items()}
     result = Evaluation(settings)
-    base_samples: dict[int, dict[str, Samples]] = {}
-    base_energy: dict[int, float] = {}
+    base_prior: dict[int, Samples | None] = {}  # per seed, the base's: for the exports' prior drift
+    base_energy: dict[int, float] = {}  # and sharpness
     for name, path in [(BASE, None), *exports.items()]:
         with applied(family.transformer, path) as model:
             for seed in settings.seeds:
                 samples = {k: sample_kind(family, model, t, contexts[k], seed, k, settings) for k, t in texts.items()}
-                scores = builtin_scores(samples, base_samples.get(seed), base_energy.get(seed))
+                energy = high_frequency_energy(torch.cat([s.images for s in samples.values()])).mean().item()
+                if name == BASE:
+                    base_prior[seed], base_energy[seed] = samples.get("prior"), energy
+                scores = builtin_scores(samples, base_prior[seed] if name != BASE else None,
+                                        energy / base_energy[seed] if base_energy[seed] else 1.0)
                 for metric in metrics:
                     scores |= metric(samples)
-                if name == BASE:  # kept for the exports' prior drift and sharpness
-                    base_samples[seed] = {"prior": samples["prior"]} if "prior" in samples else {}
-                    base_energy[seed] = high_frequency_energy(torch.cat([s.images for s in samples.values()])).mean().item()
                 for k, v in scores.items():
                     result.scores.setdefault(name, {}).setdefault(k, []).append(v)
                 if seed == settings.seeds[0]:

@@ -1,7 +1,7 @@
 """The evaluation: its metrics' invariances, CLIP / DINO plumbing with tiny random models saved
 and loaded the way users' folders are, jobs/evaluate.py end to end on the tiny Z-Image family
-and on the toy (whose numbers are the miniature's former scoring loop's), bad input, and
-eval.at_end through the driver."""
+and on a toy run (whose numbers are the miniature's former scoring loop's), and bad input.
+eval.at_end through the driver: tests/test_runtime.py (the colocated run evaluates itself)."""
 
 import json
 import re
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
@@ -20,7 +21,7 @@ from dopsd_ray.evaluation import (
     BASE, NOISE_STREAM, PSNR_CAP, Samples, high_frequency_energy, load_prompts, mse, psnr, ssim,
 )
 from dopsd_ray.grid import tensor_to_pil
-from dopsd_ray.tracking import ListSink
+from dopsd_ray.tracking import MlflowRun
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATE = runpy.run_path(str(ROOT / "jobs" / "evaluate.py"))["main"]
@@ -254,9 +255,9 @@ def test_bad_input_fails_with_one_line_before_any_sampling(tiny_zimage_dir, zima
 # -- the toy: the miniature's numbers -----------------------------------------------------------
 
 def test_toy_evaluation_reproduces_the_miniature_scoring(tmp_path):
-    """evaluation_job.run on the committed toy base and a LoRA export gives, for both, the numbers
-    of the miniature's former scoring loop (sampled here directly, the student in-process)."""
-    from dopsd_ray.evaluation_job import run
+    """jobs/evaluate.py --run on a toy run (the committed base, a LoRA export) gives, for both, the
+    numbers of the miniature's former scoring loop (sampled here directly, the student in-process),
+    and logs them into the run."""
     from dopsd_ray.families import lora_targets
     from dopsd_ray.families.toy import INFERENCE_STEPS, ToyFamily, ToyPipeline
     from dopsd_ray.toy.build import sample
@@ -270,7 +271,7 @@ def test_toy_evaluation_reproduces_the_miniature_scoring(tmp_path):
     with torch.no_grad():
         for p in weights.trainable_parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
-    weights.export(tmp_path / "run" / "export", ToyPipeline)
+    weights.export(tmp_path / "run" / "export", ToyPipeline)  # the folder of a run named "run"
 
     concept, evaluator = Concept.load(TOY_CONCEPT_DIR), Evaluator.load(TOY_BASE_DIR / "evaluator.safetensors")
     heldout = [i for i in concept.heldout_items for _ in range(SAMPLES_PER_PROMPT["heldout"])]
@@ -287,14 +288,34 @@ def test_toy_evaluation_reproduces_the_miniature_scoring(tmp_path):
         expected = {BASE: scores(base)}
     expected["run"] = scores(weights.model)
 
-    sink = ListSink()
-    cfg = load_config(ROOT / "configs" / "toy.yaml")
-    summary = run(cfg, str(TOY_BASE_DIR), {"run": tmp_path / "run" / "export"}, tmp_path / "eval", sink, step=7).summary()
+    # a run folder as the driver leaves it (recipe, export, MLflow run), evaluated with --run
+    run_dir = tmp_path / "run"
+    cfg = load_config(ROOT / "configs" / "toy.yaml", [f"train.output_dir={tmp_path}", "train.run_name=run",
+                                                     "train.steps=7"])
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    mlflow = MlflowRun.start_or_resume(cfg)
+    mlflow.end()
+    assert EVALUATE(["--run", str(run_dir)]) == 0
+    summary = json.loads((run_dir / "eval" / "results.json").read_text())["scores"]
     for name in (BASE, "run"):
         got = {k.removeprefix("toy/"): v["mean"] for k, v in summary[name].items() if k.startswith("toy/")}
         assert got == pytest.approx(expected[name], abs=1e-6), name
     assert summary["run"]["prior_drift/mse"]["mean"] > 0
-    step, logged = sink.metrics[0]
-    assert step == 7 and logged["eval/run/toy/concept"] == summary["run"]["toy/concept"]["mean"]
-    assert {Path(p).name for p, where in sink.artifacts if where == "eval"} == {
-        "results.json", "table.md", "samples_heldout.png", "samples_prior.png"}
+    client = MlflowClient(mlflow.tracking_uri)
+    history = client.get_metric_history(mlflow.run_id, "eval/run/toy/concept")
+    assert [(m.step, m.value) for m in history] == [(7, summary["run"]["toy/concept"]["mean"])]
+    assert {a.path for a in client.list_artifacts(mlflow.run_id, "eval")} == {
+        "eval/results.json", "eval/table.md", "eval/samples_heldout.png", "eval/samples_prior.png"}
+
+
+def test_a_run_that_evaluates_at_the_end_checks_its_eval_inputs_before_training(tmp_path):
+    from dopsd_ray.config import ConfigError
+    from dopsd_ray.preflight import preflight
+
+    (tmp_path / "bad.jsonl").write_text('{"kind": "heldout"}\n')
+    for override, message in ((f"eval.prompts={tmp_path / 'bad.jsonl'}", r"bad.jsonl:1: the prompt must be"),
+                              (f"eval.dino_path={tmp_path / 'none'}", r"eval.dino_path='.*none': no such directory")):
+        cfg = load_config(ROOT / "configs" / "toy.yaml", ["eval.at_end=true", override])
+        with pytest.raises(ConfigError, match=message):
+            preflight(cfg)
+        preflight(load_config(ROOT / "configs" / "toy.yaml", [override]))  # not evaluating: not its business

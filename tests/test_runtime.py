@@ -43,7 +43,9 @@ def history(client, summary, key):
 
 @pytest.fixture(scope="module")
 def colocated(out):
-    return run(out, "colocated")
+    # eval.at_end too: the run evaluates its export against the base (a small evaluation)
+    return run(out, "colocated", "eval.at_end=true", "eval.seeds=[5]", "eval.samples_per_prompt=1", "eval.steps=2",
+               "eval.size=32")
 
 
 def test_colocated_dopsd_logs_metrics_grid_and_exports(colocated):
@@ -58,6 +60,19 @@ def test_colocated_dopsd_logs_metrics_grid_and_exports(colocated):
     assert lora and all(k.startswith("transformer.") for k in lora)
     run_params = client.get_run(summary["mlflow_run_id"]).data.params
     assert run_params["algorithm.name"] == "dopsd" and run_params["runtime.mode"] == "colocated"
+
+
+def test_at_end_evaluates_the_export_into_the_training_run(colocated):
+    summary, client = colocated
+    scores = summary["eval"]  # base and this run, on the bundled data's first captions
+    assert list(scores) == ["base", "colocated"]
+    assert scores["base"]["sharpness"]["per_seed"] == [1.0] and "prior_drift/mse" not in scores["colocated"]
+    run_id = summary["mlflow_run_id"]
+    history = client.get_metric_history(run_id, "eval/colocated/sharpness")
+    assert [(m.step, m.value) for m in history] == [(3, scores["colocated"]["sharpness"]["mean"])]
+    assert {"eval/results.json", "eval/table.md", "eval/samples_train.png"} <= {
+        a.path for a in client.list_artifacts(run_id, "eval")}
+    assert (Path(summary["run_dir"]) / "eval" / "table.md").read_text().startswith("| metric | base | colocated |")
 
 
 def test_disaggregated_on_policy_reproduces_colocated_losses(out, colocated):
