@@ -252,6 +252,26 @@ class TrackingConfig(Section):
     experiment: str = "dopsd-ray"
 
 
+class EvalConfig(Section):
+    """The evaluation job (jobs/evaluate.py, dopsd_ray/evaluation_job.py): what it samples and scores."""
+
+    # A prompt file (JSONL or text, rows of kind train / heldout / prior; see evaluation.py).
+    # None: the training captions of data.path (the toy: its concept's held-out and prior prompts).
+    prompts: str | None = None
+    seeds: list[int] = Field(default_factory=lambda: [1000, 2000, 3000], min_length=1)  # one noise draw each
+    samples_per_prompt: int = Field(2, ge=1)  # a prompt file row may set its own
+    steps: int | None = Field(None, ge=1)  # None: algorithm.inference_steps, the family's few-step setting
+    reference_steps: int | None = Field(None, ge=2)  # many-step reference for few-step retention; None: skip
+    size: int | None = Field(None, ge=16)  # square image side; None: the side of data.pixel_budget
+    batch_size: int = Field(4, ge=1)  # samples per forward
+    # Local from_pretrained folders (nothing is downloaded): CLIP (CLIP-T, CLIP-I), DINOv2/v3
+    # (DINO), and an image backbone for the Frechet distance to the training images.
+    clip_path: str | None = None
+    dino_path: str | None = None
+    fid_path: str | None = None
+    at_end: bool = False  # evaluate the export at the end of training, into the training run
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(tiny=True))
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -261,6 +281,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _check(self):

@@ -7,7 +7,7 @@
     learner  = TorchTrainer(train_loop_per_worker, ...)       Ray Train + DeepSpeed
     learner.fit()    # trains, syncs weights to workers, checkpoints, exports
                      # (meanwhile a thread here draws the progress learner rank 0 reports)
-    stop workers; print where the results are
+    stop workers; evaluate the export (eval.at_end, a task); print where the results are
 
 Faults (README "Faults and what happens"): a bad config or a recipe the cluster cannot
 place fails in preflight, before Ray starts; rollout workers are restartable actors whose
@@ -30,6 +30,7 @@ from ray.util.queue import Queue
 from .config import Config, RuntimeConfig
 from .contexts import fill_context_cache
 from .data.stream import read_shards, bundled_dataset_path, take_validation
+from .evaluation_job import evaluate_run
 from .families import build_tiny
 from .learner import LearnerInputs, train_loop_per_worker
 from .preview import validation_set
@@ -169,6 +170,17 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
         "rollout_restarts": learner.get("counters", {}).get("rollout_restarts", 0),
         "seconds": seconds,
     }
+
+    # 4. evaluation (eval.at_end): the export against the base, the job jobs/evaluate.py runs,
+    #    as a task with the learner's resources (a GPU on real models), logged into this run
+    if cfg.eval.at_end:
+        res = rt.learner_resources
+        task = ray.remote(evaluate_run).options(
+            num_cpus=res.get("CPU", 1), num_gpus=res.get("GPU", 0),
+            resources={k: v for k, v in res.items() if k not in ("CPU", "GPU")})
+        summary["eval"] = ray.get(task.remote(cfg.model_dump(mode="json"), model_path,
+                                              {cfg.train.run_name: summary["export"]}, str(run_dir / "eval"),
+                                              mlflow, cfg.train.steps))
     return summary
 
 

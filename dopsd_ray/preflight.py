@@ -46,6 +46,15 @@ def check_paths(cfg: Config) -> None:
                 raise ConfigError(f"data.path: {err}") from None
 
 
+def check_eval(cfg: Config) -> None:
+    from .evaluation_job import check_inputs  # torch and transformers: only for a run that evaluates
+
+    try:
+        check_inputs(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def check_placement(cfg: Config) -> None:
     """Recipes every cluster could place but that would run badly or not at all: refused from
     the recipe alone, wherever Ray would run."""
@@ -152,5 +161,7 @@ def preflight(cfg: Config) -> None:
     check_placement(cfg)  # first: on a machine without GPUs the local check would hide its reason
     check_paths(cfg)
     check_memory(cfg)
+    if cfg.eval.at_end:  # the evaluation after training: its prompts and weights folders, before training
+        check_eval(cfg)
     if starts_local_ray():
         check_resources(cfg, local_resources(), where="this machine (the local Ray it would start)")

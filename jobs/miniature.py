@@ -7,14 +7,17 @@
 
 For each method and seed it trains through the framework's normal entry point
 (dopsd_ray.driver.train with configs/toy.yaml: local Ray, Ray Train + DeepSpeed, MLflow),
-with the same steps and learning rate, then loads the export (LoRA file or UNet folder)
-and scores 4-step samples with the toy evaluator:
+with the same steps and learning rate, then evaluates the base and every run's export (LoRA
+file or UNet folder) in one call of the evaluation job (dopsd_ray/evaluation_job.py, what
+jobs/evaluate.py runs; its eval section in configs/toy.yaml), whose toy evaluator metric
+(dopsd_ray/toy/scoring.py) scores 4-step samples:
 - concept accuracy: held-out prompts "a sks on a <background not seen in training>",
   the concept's colour (and shape, when it has one) right;
 - 4-step quality: palette share (falls when samples blur) and classifier confidence;
 - prior retention: accuracy on held-in prompts of the world that do not show the concept.
 The teacher row (base model, caption + target image tokens) is the method's ceiling.
-Writes results JSON, a markdown table and a sample grid to --out.
+Writes results JSON, a markdown table and a sample grid to --out, and the evaluation's own
+results.json, table.md (with few-step retention, prior drift, sharpness) and grids to --out/eval.
 """
 
 import argparse
@@ -24,77 +27,42 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dopsd_ray.config import TOY_BASE_DIR, load_config  # noqa: E402
+from dopsd_ray.evaluation import BASE, markdown_table  # noqa: E402
+from dopsd_ray import evaluation_job  # noqa: E402
 from dopsd_ray.families.toy import INFERENCE_STEPS, ToyFamily  # noqa: E402
 from dopsd_ray.grid import sample_grid  # noqa: E402
 from dopsd_ray.toy import world  # noqa: E402
 from dopsd_ray.toy.build import render_items, sample  # noqa: E402
-from dopsd_ray.toy.concept import Concept, prior_items, write_concept_dataset  # noqa: E402
-from dopsd_ray.toy.evaluator import Evaluator, evaluate, palette_share, predict  # noqa: E402
+from dopsd_ray.toy.concept import Concept, write_concept_dataset  # noqa: E402
+from dopsd_ray.toy.evaluator import Evaluator  # noqa: E402
+from dopsd_ray.toy.scoring import SAMPLES_PER_PROMPT, concept_scores, quality_scores  # noqa: E402
 
-SAMPLES_PER_PROMPT = 24  # per held-out background
 METRICS = ("concept", "quality", "confidence", "prior")
+SCORES = ("concept", "concept_background", "quality", "confidence", "prior")  # the toy metric's, toy/<score>
 
 
-def load_student(base: Path, export: str | None) -> ToyFamily:
-    """The base, with a run's export: a LoRA file, or (lora.enabled=false) a whole UNet folder."""
-    family = ToyFamily.from_pretrained(base)
-    if export is None:
-        return family
-    lora = Path(export) / "pytorch_lora_weights.safetensors"
-    if lora.is_file():
-        family.transformer.load_lora_adapter(str(lora), prefix="unet")
-    else:
-        family.transformer = UNet2DConditionModel.from_pretrained(export).eval().requires_grad_(False)
-    return family
-
-
-def concept_scores(evaluator: Evaluator, samples: torch.Tensor, concept: Concept, items: list[world.Item]) -> dict:
-    """Share of samples that show the concept (colour, and shape if it has one), and the
-    share with the prompt's (held-out) background."""
-    names, _ = predict(evaluator, samples)
-    shows = [concept.shows(c, s) for c, s in zip(names["colour"], names["shape"])]
-    background = [b == i.background for b, i in zip(names["background"], items)]
-    return {"concept": statistics.mean(shows), "concept_background": statistics.mean(background)}
-
-
-def quality_scores(evaluator: Evaluator, samples: torch.Tensor) -> dict:
-    """4-step quality: mean palette share (falls when samples blur) and classifier confidence."""
-    _, confidence = predict(evaluator, samples)
-    return {"quality": palette_share(samples).mean().item(), "confidence": confidence.mean().item()}
-
-
-def heldout_prompts(concept: Concept) -> list[world.Item]:
-    return [i for i in concept.heldout_items for _ in range(SAMPLES_PER_PROMPT)]
-
-
-def score(family: ToyFamily, evaluator: Evaluator, concept: Concept, seed: int = 1000) -> tuple[dict, dict]:
-    """4-step scores of the student (text-only prompts) and the samples, for the grid."""
-    heldout, prior = heldout_prompts(concept), [i for i in prior_items(concept) for _ in range(4)]
-    concept_samples = sample(family, family.transformer,
-                             family.student_context([concept.prompt(i.background) for i in heldout]), INFERENCE_STEPS, seed)
-    prior_samples = sample(family, family.transformer, family.student_context([i.caption for i in prior]),
-                           INFERENCE_STEPS, seed + 1)
-    scores = {**concept_scores(evaluator, concept_samples, concept, heldout),
-              **quality_scores(evaluator, torch.cat([concept_samples, prior_samples])),
-              "prior": evaluate(evaluator, prior_samples, prior)["accuracy"]}
-    picks = torch.arange(8) * len(heldout) // 8
-    return scores, {"concept": concept_samples[picks], "prior": prior_samples[::4][:8]}
+def heldout_items(concept: Concept) -> list[world.Item]:
+    return [i for i in concept.heldout_items for _ in range(SAMPLES_PER_PROMPT["heldout"])]
 
 
 def teacher_score(family: ToyFamily, evaluator: Evaluator, concept: Concept, seed: int = 1000) -> dict:
     """The base model given the teacher context (concept prompt + a training image): the ceiling."""
-    heldout = heldout_prompts(concept)
+    heldout = heldout_items(concept)
     train = concept.train_items
     targets = render_items([train[i % len(train)] for i in range(len(heldout))], torch.Generator().manual_seed(seed))
     ctx = family.teacher_context([concept.prompt(i.background) for i in heldout], targets)
     samples = sample(family, family.transformer, ctx, INFERENCE_STEPS, seed)
     return {**concept_scores(evaluator, samples, concept, heldout), **quality_scores(evaluator, samples)}
+
+
+def toy_scores(summary: dict, model: str) -> dict:
+    """A model's toy scores from the evaluation (one evaluation seed: its mean is its value)."""
+    return {k: summary[model][f"toy/{k}"]["mean"] for k in SCORES}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -143,47 +111,47 @@ def main(argv=None) -> int:
     data = write_concept_dataset(out / "data", concept, class_images=args.class_images)
     evaluator = Evaluator.load(Path(args.base) / "evaluator.safetensors")
 
-    family = load_student(Path(args.base), None)
-    base, base_samples = score(family, evaluator, concept)
-    results = {"concept": vars(concept) | {"heldout_backgrounds": concept.heldout_backgrounds},
-               "class_images": args.class_images, "overrides": args.overrides,
-               "base": base, "teacher": teacher_score(family, evaluator, concept)}
-    print(f"base: {base}\nteacher context: {results['teacher']}", flush=True)
-    if results["teacher"]["concept"] < 0.5:
+    family = ToyFamily.from_pretrained(args.base)
+    teacher = teacher_score(family, evaluator, concept)
+    print(f"teacher context: {teacher}", flush=True)
+    if teacher["concept"] < 0.5:
         print(f"WARNING: the base model given the image renders this concept in only "
-              f"{results['teacher']['concept']:.0%} of samples: D-OPSD cannot teach what its teacher cannot show "
+              f"{teacher['concept']:.0%} of samples: D-OPSD cannot teach what its teacher cannot show "
               "(docs/method.md, 'Known failure modes').", flush=True)
 
     from dopsd_ray.driver import train
 
-    grid_rows = {"target": render_items(concept.train_items * 2, torch.Generator()), "Base": base_samples}
+    common = [f"model.path={args.base}", f"data.path={data}", f"train.output_dir={out / 'runs'}"]
+    exports = {}
     for method in args.methods:
-        runs = []
         for seed in args.seeds:
             cfg = load_config(ROOT / "configs" / "toy.yaml", [
-                f"model.path={args.base}", f"data.path={data}", f"algorithm.name={method}", f"train.seed={seed}",
-                f"train.output_dir={out / 'runs'}", f"train.run_name={method}-seed{seed}", *args.overrides])
-            summary = train(cfg)
-            s, samples = score(load_student(Path(args.base), summary["export"]), evaluator, concept)
-            print(f"{method} seed {seed}: {s}", flush=True)
-            runs.append(s)
-            if seed == args.seeds[0]:
-                grid_rows[method] = samples
-        results[method] = summarise(runs)
+                *common, f"algorithm.name={method}", f"train.seed={seed}", f"train.run_name={method}-seed{seed}",
+                *args.overrides])
+            exports[f"{method}-seed{seed}"] = train(cfg)["export"]
+
+    # every run's export and the base, scored in one evaluation (the toy evaluator is one of its metrics)
+    cfg = load_config(ROOT / "configs" / "toy.yaml", [*common, *args.overrides])
+    evaluation = evaluation_job.run(cfg, args.base, exports, out / "eval")
+    summary = evaluation.summary()
+    print(markdown_table(summary), flush=True)
+    base = toy_scores(summary, BASE)
+    results = {"concept": vars(concept) | {"heldout_backgrounds": concept.heldout_backgrounds},
+               "class_images": args.class_images, "overrides": args.overrides,
+               "base": base, "teacher": teacher}
+    for method in args.methods:
+        results[method] = summarise([toy_scores(summary, f"{method}-seed{seed}") for seed in args.seeds])
 
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     if set(args.methods) == {"sft", "dopsd"}:
         md = table(results, base)
         (out / "table.md").write_text(md + "\n")
         print(md)
-    rows, labels = [], []
-    for name, rowset in grid_rows.items():
-        if name == "target":
-            rows.append(list(rowset[:8]))
-            labels.append("training images")
-            continue
-        label = {"sft": "SFT", "dopsd": "D-OPSD"}.get(name, name)
-        rows += [list(rowset["concept"]), list(rowset["prior"])]
+    rows, labels = [list(render_items(concept.train_items * 2, torch.Generator())[:8])], ["training images"]
+    for name, label in [(BASE, "Base"), *[(f"{m}-seed{args.seeds[0]}", {"sft": "SFT", "dopsd": "D-OPSD"}[m])
+                                          for m in args.methods]]:
+        previews = evaluation.previews[name]
+        rows += [list(previews["heldout"]), list(previews["prior"])]
         labels += [f"{label}: '{concept.token}' held-out", f"{label}: held-in prompts"]
     sample_grid(rows, labels, [""] * 8).save(out / "samples.png")
     print(f"wrote {out / 'results.json'}, {out / 'samples.png'}")

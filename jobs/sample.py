@@ -16,13 +16,14 @@ Writes NN_<prompt>.png per prompt and grid.png into --out.
 
 import argparse
 import inspect
-import json
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, e.g. under `ray job submit`
+
+from dopsd_ray.exports import class_problem, lora_problem, transformer_problem  # noqa: E402
 
 FAMILIES = ("zimage", "flux2_klein")  # the families with a stock diffusers pipeline (the toy has none)
 
@@ -42,14 +43,9 @@ def check_args(args) -> str | None:
         return "give either --lora (a LoRA export) or --transformer (a full fine-tuning export), not both"
     if not args.lora and not args.transformer:
         return "give the weights to sample: --lora DIR_OR_FILE (LoRA export) or --transformer DIR (full export)"
-    if args.lora:
-        lora = Path(args.lora)
-        if not lora.exists():
-            return f"--lora {lora}: no such file or directory (pass the run's export folder or its .safetensors file)"
-        if lora.is_dir() and not any(lora.glob("*.safetensors")):
-            return f"--lora {lora}: the folder holds no .safetensors file (expected pytorch_lora_weights.safetensors)"
-    if args.transformer and not (Path(args.transformer) / "config.json").is_file():
-        return f"--transformer {args.transformer}: not a transformer folder (no config.json); pass a full fine-tuning export"
+    problem = lora_problem(args.lora) if args.lora else transformer_problem(args.transformer)  # exactly one is set
+    if problem:
+        return f"--{'lora' if args.lora else 'transformer'} {problem}"
     if args.steps is not None and args.steps < 1:
         return f"--steps must be at least 1, got {args.steps}"
     if args.size < 16:
@@ -70,10 +66,9 @@ def load_pipeline(args, dtype):
     if args.transformer:
         # the pipeline's own transformer class (its __init__ annotation), loaded from the export
         transformer_cls = inspect.signature(pipe_cls).parameters["transformer"].annotation
-        exported = json.loads((Path(args.transformer) / "config.json").read_text()).get("_class_name")
-        if exported != transformer_cls.__name__:
-            raise ValueError(f"--transformer {args.transformer} holds a {exported}, but --family {args.family} "
-                             f"needs a {transformer_cls.__name__}")
+        problem = class_problem(args.transformer, transformer_cls.__name__, f"--family {args.family}")
+        if problem:
+            raise ValueError(f"--transformer {problem}")
         kwargs["transformer"] = transformer_cls.from_pretrained(args.transformer, dtype=dtype)
     pipe = pipe_cls.from_pretrained(args.model, dtype=dtype, **kwargs)
     if args.lora:

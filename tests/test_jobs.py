@@ -173,7 +173,8 @@ def test_build_toy_base_writes_a_loadable_base(tmp_path):
 
 def test_miniature_trains_and_scores_one_method(tmp_path):
     """jobs/miniature.py: D-OPSD on the committed toy base for 2 steps, one seed, through the
-    real driver (its own local Ray in the subprocess), then scored against base and teacher."""
+    real driver (its own local Ray in the subprocess), then scored by the evaluation job
+    (jobs/evaluate.py's) against the base, and the teacher context."""
     out = tmp_path / "mini"
     r = run_job("miniature.py", "--methods", "dopsd", "--seeds", 0, "--threads", 1, "--out", out,
                 "train.steps=2", "train.sample_every=1000", "train.checkpoint_every=1000", ray_address="local")
@@ -181,8 +182,14 @@ def test_miniature_trains_and_scores_one_method(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {"base", "teacher", "dopsd"} <= results.keys() and "sft" not in results
     assert results["overrides"] == ["train.steps=2", "train.sample_every=1000", "train.checkpoint_every=1000"]
+    # the numbers are the evaluation job's (its toy evaluator metric), base and run scored in one call
+    evaluation = json.loads((out / "eval" / "results.json").read_text())
+    assert list(evaluation["scores"]) == ["base", "dopsd-seed0"]
     for metric in ("concept", "quality", "confidence", "prior"):
         assert len(results["dopsd"][metric]["runs"]) == 1 and 0 <= results["dopsd"][metric]["mean"] <= 1
+        assert results["dopsd"][metric]["runs"] == [evaluation["scores"]["dopsd-seed0"][f"toy/{metric}"]["mean"]]
+        assert results["base"][metric] == evaluation["scores"]["base"][f"toy/{metric}"]["mean"]
+    assert evaluation["scores"]["dopsd-seed0"]["prior_drift/ssim"]["per_seed"]  # and the evaluation's own numbers
     assert (out / "runs" / "dopsd-seed0" / "export").is_dir()
     assert Image.open(out / "samples.png").width > 0
     assert not (out / "table.md").exists()  # the table compares both methods

@@ -55,14 +55,16 @@ def history(client, summary, key):
 # the learning rate warming up, then decaying
 ACCUMULATE = ["train.batch_size=1", "train.grad_accum=2", "optim.scheduler=cosine", "optim.warmup_steps=1"]
 GRIDS = ["train.sample_every=2", "train.export_every=2"]
+AT_END = ["eval.at_end=true", "eval.seeds=[5]", "eval.samples_per_prompt=1", "eval.steps=2", "eval.size=32"]
 
 
 @pytest.fixture(scope="module")
 def colocated(out):
     """(summary, client, what the driver printed): grids at steps 0, 2, 4 (tiny.yaml's two
-    validation prompts + the validation pairs), exports at 2 and 4."""
+    validation prompts + the validation pairs), exports at 2 and 4, and eval.at_end: the run
+    evaluates its export against the base (a small evaluation)."""
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        summary, client = run(out, "colocated", *ACCUMULATE, *GRIDS, steps=4)
+        summary, client = run(out, "colocated", *ACCUMULATE, *GRIDS, *AT_END, steps=4)
     return summary, client, printed.getvalue()
 
 
@@ -142,6 +144,19 @@ def test_a_run_resumed_from_a_checkpoint_continues_exactly(out, colocated):
     for key in ("lr", "loss", "loss/dopsd", "grad_norm"):
         want = [(s, v) for s, v in history(client, summary, key) if s > 2]
         assert history(resumed_client, resumed, key) == want, key
+
+
+def test_at_end_evaluates_the_export_into_the_training_run(colocated):
+    summary, client, _ = colocated
+    scores = summary["eval"]  # base and this run, on the bundled data's first captions
+    assert list(scores) == ["base", "colocated"]
+    assert scores["base"]["sharpness"]["per_seed"] == [1.0] and "prior_drift/mse" not in scores["colocated"]
+    run_id = summary["mlflow_run_id"]
+    history = client.get_metric_history(run_id, "eval/colocated/sharpness")
+    assert [(m.step, m.value) for m in history] == [(4, scores["colocated"]["sharpness"]["mean"])]
+    assert {"eval/results.json", "eval/table.md", "eval/samples_train.png"} <= {
+        a.path for a in client.list_artifacts(run_id, "eval")}
+    assert (Path(summary["run_dir"]) / "eval" / "table.md").read_text().startswith("| metric | base | colocated |")
 
 
 def test_disaggregated_on_policy_with_cached_contexts_reproduces_colocated_losses(out, colocated):

@@ -5,6 +5,7 @@
     write_concept_dataset("data/toy_concept", concept)   # 4 PNGs + .txt captions
     concept.train_items / concept.heldout_items / prior_items(concept) / concept.shows(c, s)
     write_concept_dataset("data/c", concept, class_images=10)  # + DreamBooth prior preservation
+    Concept.load("data/toy_concept")      # the concept a dataset was written for (its concept.json)
 
 Training captions name the subject only by the token ("a sks on a black background"),
 on `train_backgrounds`; held-out prompts put the token on the other backgrounds. With no
@@ -18,13 +19,17 @@ prompt) join the training set, the same for every method.
 """
 
 import argparse
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..grid import tensor_to_pil
 from . import world
+
+
+CONCEPT_FILE = "concept.json"  # beside a concept dataset's images: what they teach
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,16 @@ class Concept:
 
     def shape_at(self, i: int) -> str:
         return self.shape or world.SHAPES[i % len(world.SHAPES)]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Concept":
+        """The concept `write_concept_dataset` wrote `folder` for (its CONCEPT_FILE)."""
+        path = Path(folder) / CONCEPT_FILE
+        if not path.is_file():
+            raise ValueError(f"{folder} has no {CONCEPT_FILE}: not a toy concept dataset; write one with "
+                             "python -m dopsd_ray.toy.concept FOLDER")
+        values = json.loads(path.read_text())
+        return cls(**{**values, "train_backgrounds": tuple(values["train_backgrounds"])})
 
     def shows(self, colour: str, shape: str) -> bool:
         """Does an image of this colour and shape show the concept?"""
@@ -110,6 +125,7 @@ def write_concept_dataset(folder: str | Path, concept: Concept, seed: int = 0, c
     for stem, item, caption in rows:
         tensor_to_pil(world.render(item.colour, item.shape, item.background, g)).save(folder / f"{stem}.png")
         (folder / f"{stem}.txt").write_text(caption + "\n")
+    (folder / CONCEPT_FILE).write_text(json.dumps(asdict(concept)) + "\n")
     return folder
 
 
