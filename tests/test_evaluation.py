@@ -222,6 +222,29 @@ def test_evaluate_job_on_tiny_zimage_exports(tiny_zimage_dir, zimage_exports, sc
     assert {a.path for a in client.list_artifacts(run_id, "eval")} >= {"eval/results.json", "eval/table.md"}
 
 
+def test_evaluate_job_on_a_tiny_flux2_klein_lora(tmp_path):
+    """The other real family: a perturbed LoRA drifts from the base on the prior prompt."""
+    from dopsd_ray.families.flux2_klein import LORA_TARGETS, PIPELINE_CLASS, Flux2KleinFamily, build_tiny_flux2_klein
+    from dopsd_ray.weights import LoraWeights
+
+    model = build_tiny_flux2_klein(tmp_path / "klein")
+    weights = LoraWeights(Flux2KleinFamily.from_pretrained(model).transformer, LORA_TARGETS, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in weights.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    weights.export(tmp_path / "klein-lora" / "export", PIPELINE_CLASS)
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    out = tmp_path / "eval"
+    assert EVALUATE(["--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out),
+                     f"--export={tmp_path / 'klein-lora' / 'export'}", "model.tiny=false", "model.family=flux2_klein",
+                     f"model.path={model}", "model.max_sequence_length=160", "algorithm.training_sigmas=inference",
+                     f"train.output_dir={tmp_path}", f"eval.prompts={tmp_path / 'prompts.txt'}", "eval.seeds=[1]",
+                     "eval.samples_per_prompt=1", "eval.steps=2", "eval.size=32", "eval.batch_size=2"]) == 0
+    scores = json.loads((out / "results.json").read_text())["scores"]
+    assert list(scores) == [BASE, "klein-lora"]
+    assert scores["klein-lora"]["prior_drift/mse"]["mean"] > 0 and scores[BASE]["sharpness"]["mean"] == 1
+
+
 def test_bad_input_fails_with_one_line_before_any_sampling(tiny_zimage_dir, zimage_exports, tmp_path, capsys):
     root = zimage_exports
     lora = root / "lora" / "export" / "pytorch_lora_weights.safetensors"
