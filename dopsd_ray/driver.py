@@ -31,7 +31,7 @@ from .config import Config, RuntimeConfig
 from .contexts import fill_context_cache
 from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .evaluation_job import evaluate_run
-from .families import build_tiny
+from .families import base_model_path
 from .learner import LearnerInputs, train_loop_per_worker
 from .preview import validation_set
 from .preflight import check_resources, preflight
@@ -65,7 +65,7 @@ def train(cfg: Config) -> dict:
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster named by RAY_ADDRESS (ray job submit)
     check_resources(cfg)  # against the cluster itself, before any actor or trainer starts
-    model_path = str(build_tiny(cfg.model, run_dir / "tiny_model", cfg.train.seed)) if cfg.model.tiny else cfg.model.path
+    model_path = base_model_path(cfg)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     mlflow = MlflowRun.start_or_resume(cfg)
     try:

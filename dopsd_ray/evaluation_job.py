@@ -40,17 +40,10 @@ from .data.shards import list_sources, load_row
 from .embeddings import Embedder, FrechetDistance, PromptAlignment, ReferenceSimilarity, check_weights_path
 from .evaluation import Evaluation, Prompt, Settings, evaluate, load_prompts, markdown_table, preview_grids
 from .exports import export_problem
-from .families import build_tiny, load_family
+from .families import load_family
 
 MAX_REFERENCES = 64  # training images read as references
 MAX_TRAIN_PROMPTS = 16  # training captions sampled when no prompt file is given
-
-
-def base_path(cfg: Config) -> str:
-    """The base model's path: model.path, or the tiny model the driver builds under the run dir."""
-    if cfg.model.tiny:
-        return str(build_tiny(cfg.model, Path(cfg.run_dir) / "tiny_model", cfg.train.seed))
-    return cfg.model.path
 
 
 def training_rows(cfg: Config, limit: int) -> list[tuple[str, Image.Image]]:

@@ -75,11 +75,12 @@ def main(argv=None) -> int:
         cfg.train.output_dir, cfg.train.run_name = str(run_dir.parent), run_dir.name
 
     from dopsd_ray.evaluation import markdown_table
-    from dopsd_ray.evaluation_job import base_path, log_results, run
+    from dopsd_ray.evaluation_job import log_results, run
+    from dopsd_ray.families import base_model_path
     from dopsd_ray.tracking import MlflowRun, tracking_uri
 
     try:
-        result = run(cfg, base_path(cfg), export_names(exports), out)
+        result = run(cfg, base_model_path(cfg), export_names(exports), out)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from dopsd_ray.families import build_tiny, load_family, lora_targets
+    from dopsd_ray.families import base_model_path, load_family, lora_targets
     from dopsd_ray.preview import pixel_gaps, student_samples, teacher_samples, validation_grid, validation_set
     from dopsd_ray.weights import make_weights
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     # 1. the model, with fresh weights: the student is the base model, the teacher equals it
     run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = str(build_tiny(cfg.model, run_dir / "tiny_model", cfg.train.seed)) if cfg.model.tiny else cfg.model.path
+    model_path = base_model_path(cfg)
     try:
         family = load_family(cfg.model, model_path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (OSError, ValueError) as err:

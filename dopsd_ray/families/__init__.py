@@ -49,6 +49,14 @@ def build_tiny(model, path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def base_model_path(cfg) -> str:
+    """The base model a Config trains: model.path, or (model.tiny) the tiny pipeline built once
+    under the run directory, as an absolute path (workers may run elsewhere)."""
+    if cfg.model.tiny:
+        return str(build_tiny(cfg.model, Path(cfg.run_dir).resolve() / "tiny_model", cfg.train.seed))
+    return cfg.model.path
+
+
 def lora_targets(family_name: str) -> list[str]:
     return list(family_module(family_name).LORA_TARGETS)
 
