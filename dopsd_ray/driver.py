@@ -52,7 +52,9 @@ def weight_sync(rt: RuntimeConfig, workers: list) -> tuple:
     """The one place runtime.sync_transport is read: (the learner's WeightPublisher, the
     WeightStore rollout workers poll, or None when snapshots are pushed to them)."""
     if rt.sync_transport == "collective":  # learner rank 0 + workers as ranks 1..n
-        return CollectivePublisher(workers, rt.sync_bucket_numel, timeout_s=rt.sync_timeout_s), None
+        # a sync waits up to startup_timeout_s for a restarting worker (it loads its models)
+        return CollectivePublisher(workers, rt.sync_bucket_numel, timeout_s=rt.sync_timeout_s,
+                                   restart_timeout_s=rt.startup_timeout_s), None
     store = ray.remote(WeightStore).remote()
     return StorePublisher(store, timeout_s=rt.sync_timeout_s), store
 
@@ -110,9 +112,10 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     workers, runs, datasets = [], [], {"train": dataset}
     if rt.mode == "disaggregated":
         queue = Queue(maxsize=rt.buffer_size)
-        # a killed worker process is restarted, and its `run` task retried on the new one
+        # a killed worker process is restarted, and its `run` task retried on the new one;
+        # threads: the roll-out loop, a collective receive, and a join to a new group beside it
         Worker = ray.remote(RolloutWorker).options(
-            max_concurrency=2, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
+            max_concurrency=3, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
         workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i, contexts)
                    for i in range(rt.num_rollout_workers)]
         publisher, store = weight_sync(rt, workers)

@@ -66,7 +66,7 @@ from .plan import check_this_gpu
 from .preview import BASE_FILE, ValidationSet, load_base, save_base, student_samples, teacher_samples, validation_grid
 from .progress import progress_report
 from .ranks import LearnerRanks
-from .sync import WeightPublisher
+from .sync import SyncInterrupted, WeightPublisher
 from .sync.buckets import gather_zero3_buckets, weights_digest
 from .tracking import MetricSink, MlflowRun
 from .weights import STUDENT, TEACHER, EmaTeacher, Weights, make_weights
@@ -436,8 +436,22 @@ class Learner:
         return named
 
     def publish_weights(self) -> dict:
-        """Gather the snapshot bucket by bucket (every rank) and publish it as version = step (rank 0)."""
+        """Gather the snapshot bucket by bucket (every rank) and publish it as version = step (rank 0).
+
+        A sync the transport could not finish (SyncInterrupted: a rollout worker died during a
+        collective sync) is gathered and published once more; every rank learns it from rank 0.
+        """
         start = time.perf_counter()
+        for attempt in (1, 2):
+            sync, interrupted = self.publish_once(last=attempt == 2)
+            if not self.ranks.from_rank0(int(interrupted)):
+                break
+        seconds = time.perf_counter() - start
+        return {**sync, "sync/seconds": seconds, "sync/version": self.step,
+                "sync/gb_per_s": sync["sync/bytes"] / max(seconds, 1e-9) / 1e9}
+
+    def publish_once(self, last: bool) -> tuple[dict, bool]:
+        """One gather + publish: (metrics, interrupted). Raises SyncInterrupted if `last`."""
         named = self.snapshot_parameters()
         debug = self.cfg.runtime.debug_check_sync
         # the collective transport packs device buckets straight into its device buffers
@@ -446,15 +460,17 @@ class Learner:
             buckets = list(buckets)
             self.published_digests[self.step] = weights_digest(
                 {k: v for b in buckets for k, v in b.items() if not k.startswith(f"{TEACHER}/")})
-        sync = {"sync/bytes": 0}
-        if self.rank == 0:
-            sync = self.publisher.publish(self.step, named, buckets, generation=self.generation)
-        else:
+        if self.rank != 0:
             for _ in buckets:  # take part in every gather
                 pass
-        seconds = time.perf_counter() - start
-        return {**sync, "sync/seconds": seconds, "sync/version": self.step,
-                "sync/gb_per_s": sync["sync/bytes"] / max(seconds, 1e-9) / 1e9}
+            return {"sync/bytes": 0}, False
+        try:
+            return self.publisher.publish(self.step, named, buckets, generation=self.generation), False
+        except SyncInterrupted as e:  # every bucket was taken: the other ranks' gathers are done
+            if last:
+                raise
+            print(f"weight sync of step {self.step} interrupted, publishing it again: {e}", flush=True)
+            return {"sync/bytes": 0}, True
 
     def full_state(self, which: str) -> dict:
         state = {}

@@ -10,9 +10,9 @@ each batch into an Experience for the learner:
 
 Snapshots arrive by runtime.sync_transport:
 - object_store: the roll-out loop polls the WeightStore between roll-outs (fetch_snapshot);
-- collective: learner rank 0 calls join_collective(address, rank) once, then
-  receive_weights(meta) per sync; that runs in the actor's second thread
-  (max_concurrency=2) beside the roll-out loop and only STAGES the snapshot, in host
+- collective: learner rank 0 calls join_collective(address, rank) once (again when it
+  sets up a new group), collective_group() before every sync, then receive_weights(meta);
+  that runs in another actor thread (max_concurrency=3) beside the roll-out loop and only STAGES the snapshot, in host
   memory (one bucket at a time passes through the GPU).
 Either way `next_snapshot` is the one place that tells them apart, and the swap
 (load_snapshot, stamping the version) happens only in the loop, between roll-outs, one
@@ -32,11 +32,10 @@ task is retried on the new process (max_task_retries=-1). A restarted worker fir
 a RolloutRestart notice in the experience queue (the learner counts it:
 `count/rollout_restarts` in MLflow), then starts empty (version -1) and takes the latest
 snapshot before its first roll-out. With the object store that snapshot is there to
-fetch. With the collective transport it is not: the restarted worker is outside the
-weight-sync group, its receive_weights fails with an error naming the transport, and
-the learner's next sync fails with it (see sync/collective.py); a learner restart
-(runtime.max_failures) sets the group up again, with the new worker in it (not covered
-by a test).
+fetch. With the collective transport the new process is in no weight-sync group: at the
+learner's next sync, learner rank 0 sees that (collective_group() is None) and sets up a
+new group with every worker, then broadcasts (sync/collective.py). Until that snapshot
+arrives the worker holds no version and makes nothing.
 """
 
 import threading
@@ -135,20 +134,24 @@ class RolloutWorker:
     # -- collective transport (called by learner rank 0, in the actor's second thread) ------
     def join_collective(self, address, rank: int) -> None:
         """Join the weight-sync group as `rank` (1..n); blocks until the whole group is there."""
-        if self.receiver is not None:  # a restarted learner sets up a new group
+        if self.receiver is not None:  # a new group (a worker or the learner restarted): leave the old one
             self.receiver.close()
         receiver = CollectiveReceiver()
         receiver.join(address, rank, timeout_s=self.cfg.runtime.sync_timeout_s)
         self.receiver = receiver
+
+    def collective_group(self) -> str | None:
+        """The name of the weight-sync group this process is in; None (a restarted process, or
+        one whose receive failed) makes learner rank 0 set up a new group before it syncs."""
+        return None if self.receiver is None else self.receiver.group_name
 
     def receive_weights(self, meta) -> int:
         """Receive one snapshot (every bucket) and stage it; the roll-out loop swaps it in."""
         if self.receiver is None:
             raise RuntimeError(
                 f"rollout worker {self.index} is not in the weight-sync group of runtime.sync_transport="
-                "collective (it restarted after the group was set up, or never joined): it cannot "
-                f"receive version {meta.version}. The collective group is not rebuilt after a rollout-"
-                "worker restart yet; use runtime.sync_transport=object_store where workers restart")
+                f"collective (it restarted after the group was set up): it cannot receive version "
+                f"{meta.version}; the learner sets up a new group with it at its next sync")
         start = time.perf_counter()
         state = self.receiver.receive(meta)  # host memory: the GPU holds one bucket at a time
         with self._staged_lock:  # a newer snapshot replaces one not yet swapped in

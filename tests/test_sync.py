@@ -5,6 +5,7 @@ and the two DeepSpeed ranks fit; DeepSpeed runs ZeRO-3 on its CPU accelerator ov
 """
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -22,7 +23,9 @@ from dopsd_ray.sync.buckets import (
     plan_buckets,
     split_into_buckets,
 )
+from dopsd_ray.sync import SyncInterrupted
 from dopsd_ray.sync.collective import (
+    CollectivePublisher,
     CollectiveReceiver,
     CollectiveSender,
     WeightSyncError,
@@ -371,3 +374,91 @@ def test_collective_send_fails_at_once_when_a_workers_receive_call_fails(local_r
         sender.send(meta, split_into_buckets(state, 1 << 22), pending=[refuse.remote()])
     assert time.monotonic() - start < timeout_s / 2
     receiver.close()
+
+
+# -- collective: a restarted rollout worker rejoins --------------------------------------------
+class RestartableWorker(CollectiveWorker):
+    """A rollout worker as the driver makes it (max_restarts=-1, max_task_retries=-1,
+    max_concurrency=3), with rollout.RolloutWorker's collective methods. `die_at`: the
+    version whose receive kills this process (the first process only) halfway through."""
+
+    def __init__(self, timeout_s: float, die_at: int = -1):
+        super().__init__(timeout_s)
+        self.receiver = None  # a new process is in no group
+        self.die_at = die_at
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def join_collective(self, address, rank: int) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+        receiver = CollectiveReceiver(device="cpu")
+        receiver.join(address, rank, timeout_s=self.timeout_s)
+        self.receiver = receiver
+
+    def collective_group(self):
+        return None if self.receiver is None else self.receiver.group_name
+
+    def receive_weights(self, meta) -> int:
+        if self.receiver is None:
+            raise RuntimeError("not in the weight-sync group")
+        if meta.version == self.die_at and not self.restarted:
+            time.sleep(0.5)  # the learner is broadcasting meanwhile
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().receive_weights(meta)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def held(self):
+        return self.restarted, *self.between_rollouts()
+
+
+def drained(buckets: list, taken: list):
+    """Yields the buckets, recording how many were taken (a ZeRO-3 gather per bucket)."""
+    for b in buckets:
+        taken.append(1)
+        yield b
+
+
+def test_a_killed_worker_rejoins_a_new_collective_group_at_the_next_sync(local_ray):
+    """SIGKILL a worker between syncs: the next publish sets up a new group with every worker and
+    delivers; SIGKILL one during a sync: publish takes every bucket, raises SyncInterrupted, and
+    publishing again delivers to the restarted worker too. No snapshot lands under the wrong version."""
+    Worker = ray.remote(num_cpus=0, max_concurrency=3, max_restarts=-1, max_task_retries=-1)(RestartableWorker)
+    workers = [Worker.remote(20.0), Worker.remote(20.0, die_at=3)]
+    publisher = CollectivePublisher(workers, bucket_numel=100, timeout_s=20.0, restart_timeout_s=60.0)
+    publisher.open()
+
+    def publish(version: int, seed: int):
+        state = tiny_state(seed)
+        taken = []
+        buckets = drained(list(split_into_buckets(state, 100)), taken)
+        try:
+            return publisher.publish(version, list(state.items()), buckets), state
+        finally:
+            assert len(taken) == len(split_into_buckets(state, 100)), "publish left gathers undone"
+
+    stats, state = publish(1, 0)
+    assert stats["sync/group_set_ups"] == 1
+    first = ray.get(workers[0].pid.remote())
+    os.kill(first, signal.SIGKILL)  # between syncs: the next one finds it outside the group
+    stats, state = publish(2, 1)
+    assert stats["sync/group_set_ups"] == 2
+    held = ray.get([w.held.remote() for w in workers])
+    assert ray.get(workers[0].pid.remote()) != first and held[0][0] is True
+    for _, version, got in held:
+        assert version == 2
+        assert_same_weights(state, got)
+
+    with pytest.raises(SyncInterrupted, match="version 3"):  # worker 1 dies during this sync
+        publish(3, 2)
+    stats, state = publish(3, 2)  # what the learner does next: the same snapshot again
+    assert stats["sync/group_set_ups"] == 3
+    held = ray.get([w.held.remote() for w in workers])
+    assert held[1][0] is True, "worker 1 was not restarted"
+    for _, version, got in held:
+        assert version == 3
+        assert_same_weights(state, got)
+    publisher.close()
+    for w in workers:
+        ray.kill(w, no_restart=True)

@@ -17,7 +17,13 @@ from typing import Protocol
 
 from .buckets import assert_same_weights, gather_zero3_buckets, plan_buckets, split_into_buckets
 
-__all__ = ["WeightPublisher", "assert_same_weights", "gather_zero3_buckets", "plan_buckets", "split_into_buckets"]
+__all__ = ["SyncInterrupted", "WeightPublisher", "assert_same_weights", "gather_zero3_buckets", "plan_buckets", "split_into_buckets"]
+
+
+class SyncInterrupted(RuntimeError):
+    """A sync the transport could not finish but has recovered from (a rollout worker died
+    during it): publish() still took every bucket, so the ZeRO-3 gathers of every learner
+    rank stayed in step. Gather and publish the same snapshot again."""
 
 
 class WeightPublisher(Protocol):
@@ -35,6 +41,8 @@ class WeightPublisher(Protocol):
 
         `buckets` yields {name: full tensor}, gathered from the (name, tensor) list `named`
         with runtime.sync_bucket_numel; it may be a generator that runs ZeRO-3 gathers.
+        It iterates `buckets` to the end even when it fails (the gathers are collectives);
+        SyncInterrupted: nothing was lost but this snapshot, publish it again.
         """
 
     def close(self) -> None:

@@ -48,26 +48,36 @@ unusable: close() both sides and set it up again, then re-publish.
 
 The learner uses all of the above through `CollectivePublisher` (the `WeightPublisher`
 protocol of sync/__init__.py), built with the rollout worker handles, whose actor class
-provides `join_collective(address, rank)` and `receive_weights(meta)` (rollout.py).
+provides `join_collective(address, rank)`, `collective_group()` and `receive_weights(meta)`
+(rollout.py), with max_concurrency >= 3: the roll-out loop, a receive, and a join that
+replaces a group a receive is stuck in.
 
-Rollout-worker restarts: a restarted worker is a new process outside the group, and the
-group cannot grow back by itself. The learner's next sync then fails with an error
-naming this transport (the worker's receive_weights refuses, and `send` stops waiting).
-Nothing rebuilds the group yet: a learner restart by Ray Train's FailureConfig runs
-`CollectivePublisher.open()` again, which may or may not succeed (untested). Use the
-object-store transport where rollout workers restart often.
+Rollout-worker restarts: a restarted worker is a new process outside the group, and a
+group cannot grow back. So CollectivePublisher checks, before every sync, that every
+worker is in its current group (`collective_group()`: the name of the group the worker
+joined, None in a new process); if one is not, it sets up a NEW group (a new TCPStore,
+a new name) and every worker joins it (`join_collective` leaves the old one first),
+then broadcasts the snapshot. A receive meant for another group (a stale call Ray
+retried on a restarted worker) is refused, so it cannot take another snapshot's
+broadcasts. If a worker dies DURING a sync, `publish` still takes every bucket (the
+gathers of the other learner ranks stay in step), gives the group up and raises
+SyncInterrupted: the learner gathers and publishes the snapshot once more, to a new
+group. The restarted worker holds no weights until that snapshot arrives, so it never
+rolls out on old ones.
 """
 
 import datetime
 import socket
 import time
+import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 import torch
 import torch.distributed as dist
 
+from . import SyncInterrupted
 from .buckets import full_numel, full_shape, plan_buckets
 
 ALIGN = 16  # bytes: every tensor starts 16-byte aligned inside a bucket, so byte views cast back to any dtype
@@ -79,6 +89,7 @@ class GroupAddress:
     port: int
     world_size: int  # learner rank 0 + the receivers
     backend: str  # "gloo" | "nccl"
+    name: str = ""  # new for every set-up: which group a worker is in (collective_group)
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ class SnapshotMeta:
     version: int
     buckets: tuple[BucketSpec, ...]
     generation: int = 0
+    group: str = ""  # the group whose broadcasts carry it (set by CollectivePublisher); "" = any
 
     @property
     def nbytes(self) -> int:
@@ -178,7 +190,8 @@ class CollectiveSender:
         host = _node_ip()
         self._store = dist.TCPStore(host, 0, self.num_receivers + 1, is_master=True,
                                     timeout=_td(self.timeout_s), wait_for_workers=False)
-        self.address = GroupAddress(host, self._store.port, self.num_receivers + 1, _backend(self.device))
+        self.address = GroupAddress(host, self._store.port, self.num_receivers + 1, _backend(self.device),
+                                    name=uuid.uuid4().hex[:12])
         return self.address
 
     def connect(self, pending: list[ray.ObjectRef] = ()) -> None:
@@ -274,27 +287,60 @@ class CollectivePublisher:
 
     Picklable until open() (it travels to the learner in train_loop_config); open() and
     publish() run in the learner rank 0 process. Worker i is rank i + 1 of the group.
+    `restart_timeout_s`: how long a sync waits for a restarting worker (it loads its models).
     """
 
     host_buckets = False  # buckets stay on the learner's device and are packed there (no host trip)
 
-    def __init__(self, workers: list, bucket_numel: int, timeout_s: float = 60.0):
+    def __init__(self, workers: list, bucket_numel: int, timeout_s: float = 60.0, restart_timeout_s: float = 600.0):
         self.workers, self.bucket_numel, self.timeout_s = list(workers), bucket_numel, timeout_s
+        self.restart_timeout_s = restart_timeout_s
         self.sender: CollectiveSender | None = None
+        self.set_ups = 0  # groups set up by this learner process; > 1: a worker restarted or a sync failed
 
     def open(self) -> None:
         """Set up the group: every worker joins (`join_collective`), or TimeoutError."""
+        if self.sender is not None:
+            self.sender.close()
         self.sender = CollectiveSender(num_receivers=len(self.workers), timeout_s=self.timeout_s)
-        address = self.sender.open()
+        address = self.sender.open()  # a new store on a new port, a new group name
         joins = [w.join_collective.remote(address, rank=i + 1) for i, w in enumerate(self.workers)]
+        self.set_ups += 1
         self.sender.connect(pending=joins)
+
+    def everyone_in_group(self) -> bool:
+        """Is every worker in the current group? A restarted worker's new process is in none
+        (the call waits while Ray restarts it)."""
+        if self.sender is None or self.sender.address is None:
+            return False
+        try:
+            names = ray.get([w.collective_group.remote() for w in self.workers], timeout=self.restart_timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise TimeoutError(f"collective weight sync: a rollout worker did not answer within "
+                               f"{self.restart_timeout_s} s (restarting, or stuck)") from e
+        return all(name == self.sender.address.name for name in names)
 
     def publish(self, version: int, named: list[tuple[str, torch.Tensor]],
                 buckets: Iterable[dict[str, torch.Tensor]], generation: int = 0) -> dict:
-        """`named`: the (name, tensor) list `buckets` was gathered from, with the same bucket_numel."""
-        meta = describe_snapshot(version, named, self.bucket_numel, generation)
-        refs = [w.receive_weights.remote(meta) for w in self.workers]  # metadata first, via Ray
-        return self.sender.send(meta, buckets, pending=refs)
+        """`named`: the (name, tensor) list `buckets` was gathered from, with the same bucket_numel.
+
+        A worker outside the group (restarted) makes a new group first. A failure during
+        the sync raises SyncInterrupted once every bucket is taken: publish again.
+        """
+        try:
+            if not self.everyone_in_group():
+                self.open()
+            meta = replace(describe_snapshot(version, named, self.bucket_numel, generation),
+                           group=self.sender.address.name)
+            refs = [w.receive_weights.remote(meta) for w in self.workers]  # metadata first, via Ray
+            stats = self.sender.send(meta, buckets, pending=refs)
+        except (TimeoutError, WeightSyncError) as e:
+            for _ in buckets:  # the rest of the gathers: every learner rank takes part in each
+                pass
+            self.close()  # the next publish sets up a new group
+            raise SyncInterrupted(f"collective weight sync of version {version} did not complete ({e}); "
+                                  "publish it again, to a new group") from e
+        return {**stats, "sync/group_set_ups": self.set_ups}
 
     def close(self) -> None:
         if self.sender is not None:
@@ -308,7 +354,9 @@ class CollectiveReceiver:
     def __init__(self, device: str | torch.device | None = None):
         self.device = _pick_device(device)
         self._group = None
+        self.group_name: str | None = None  # the group joined (GroupAddress.name); None when not in one
         self.timeout_s = 60.0
+        self._receiving = False  # a receive is waiting on the group (in another thread than close's)
 
     def join(self, address: GroupAddress, rank: int, timeout_s: float = 60.0) -> None:
         """Blocks until the sender and every other receiver have joined (or raises)."""
@@ -326,6 +374,7 @@ class CollectiveReceiver:
             self.close()
             raise TimeoutError(f"collective weight sync ({address.backend}): rank {rank} could not join "
                                f"{address.host}:{address.port} within {timeout_s} s ({e})") from e
+        self.group_name = address.name
 
     def receive(self, meta: SnapshotMeta) -> dict[str, torch.Tensor]:
         """Receive every bucket of the snapshot `meta` announces; returns {name: CPU tensor}.
@@ -334,30 +383,53 @@ class CollectiveReceiver:
         before the next: the GPU never holds more than one bucket of it. Safe to call from a
         second actor thread while roll-outs continue: it only fills new buffers. Swapping
         them into the model between roll-outs is the caller's job (weights.apply_snapshot).
+        A close() from another thread (the worker joins a new group) ends it at once.
         """
-        if self._group is None:
+        group = self._group
+        if group is None:
             raise RuntimeError("CollectiveReceiver.join() first")
+        if meta.group and meta.group != self.group_name:  # a stale call: its broadcasts are another group's
+            raise WeightSyncError(f"collective weight sync: version {meta.version} was sent to group "
+                                  f"{meta.group}, this worker is in group {self.group_name}")
+
+        def left():
+            if self._group is not group:
+                raise WeightSyncError("left the group while receiving (a new group was set up)")
+
         state: dict[str, torch.Tensor] = {}
-        for i, spec in enumerate(meta.buckets):
-            flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
-            try:
-                _wait_work(self._group.broadcast([flat], _root0()), time.monotonic() + self.timeout_s)
-            except (RuntimeError, TimeoutError) as e:
-                self.close()
-                raise TimeoutError(f"collective weight sync: receiving version {meta.version}, bucket "
-                                   f"{i + 1}/{len(meta.buckets)} timed out after {self.timeout_s} s ({e})") from e
-            state.update(unpack_bucket(spec, flat.cpu()))  # one device-to-host copy per bucket
+        self._receiving = True
+        try:
+            for i, spec in enumerate(meta.buckets):
+                flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
+                try:
+                    _wait_work(group.broadcast([flat], _root0()), time.monotonic() + self.timeout_s, check=left)
+                except WeightSyncError:
+                    _ABANDONED.append(group)  # a broadcast is in flight: closing would wait it out
+                    raise
+                except (RuntimeError, TimeoutError) as e:
+                    self._receiving = False
+                    self.close()
+                    raise TimeoutError(f"collective weight sync: receiving version {meta.version}, bucket "
+                                       f"{i + 1}/{len(meta.buckets)} timed out after {self.timeout_s} s ({e})") from e
+                state.update(unpack_bucket(spec, flat.cpu()))  # one device-to-host copy per bucket
+        finally:
+            self._receiving = False
         return state
 
     def close(self) -> None:
-        _close(self._group)
-        self._group = None
+        """Leave the group. While a receive is in flight (another thread), that receive drops it."""
+        group, self._group, self.group_name = self._group, None, None
+        if not self._receiving:
+            _close(group)
+
+
+_ABANDONED: list = []  # receivers' groups dropped with a broadcast in flight: referenced until the process ends
 
 
 # -- helpers ---------------------------------------------------------------------------
 def _new_group(store, rank: int, address: GroupAddress, device: torch.device, timeout_s: float):
     """A ProcessGroup over `store`, outside torch.distributed's global state."""
-    store = dist.PrefixStore("dopsd_weight_sync", store)
+    store = dist.PrefixStore(f"dopsd_weight_sync/{address.name}", store)
     if address.backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         # the watchdog's own timeout comes after ours, so the deadline here raises first
