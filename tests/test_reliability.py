@@ -82,11 +82,12 @@ def our_processes(title: str) -> list[psutil.Process]:
 
 
 class Killer(threading.Thread):
-    """Waits until `ready()` returns something, then SIGKILLs the one process titled `title`."""
+    """Waits until `ready()` returns something, then SIGKILLs the first of the `count` processes
+    titled `title` (it waits until there are exactly that many)."""
 
-    def __init__(self, title: str, ready, timeout_s: float = 400):
+    def __init__(self, title: str, ready, timeout_s: float = 400, count: int = 1):
         super().__init__(daemon=True)
-        self.title, self.ready, self.timeout_s = title, ready, timeout_s
+        self.title, self.ready, self.timeout_s, self.count = title, ready, timeout_s, count
         self.killed_pid, self.seen, self.error = None, None, None
         self.done = threading.Event()
 
@@ -96,7 +97,7 @@ class Killer(threading.Thread):
             while not self.done.is_set() and time.monotonic() < deadline:
                 seen = self.ready()
                 targets = our_processes(self.title) if seen is not None else []
-                if len(targets) == 1:
+                if len(targets) == self.count:
                     os.kill(targets[0].pid, signal.SIGKILL)
                     self.seen, self.killed_pid = seen, targets[0].pid
                     return
@@ -240,6 +241,45 @@ def test_a_restarted_learner_never_trains_on_a_dead_learners_snapshots(out):
         learner.queue.put(Experience([f"{version}/{generation}"], version, "sft", None, generation=generation))
     batches = learner.batches()
     assert [(e.ids, d) for e, _, d in (next(batches), next(batches))] == [(["6/2"], 4), (["5/2"], 0)]
+
+
+# -- a rollout worker dies under the collective transport -------------------------------------
+@pytest.mark.slow
+def test_a_killed_rollout_worker_rejoins_the_collective_weight_sync(out):
+    """runtime.sync_transport=collective, two rollout workers, async: one worker is SIGKILLed
+    after step 2. Ray restarts it; at the next sync learner rank 0 finds it outside the group,
+    sets up a new group with both workers and broadcasts; the run completes. debug_check_sync
+    makes any experience trained on with weights other than its version's snapshot fatal.
+    (About a minute and a half on 2 cores, hence slow.)"""
+    name, steps = "collective-worker-killed", 8
+    cfg = config(out, name, "runtime.mode=disaggregated", "runtime.num_rollout_workers=2",
+                 "runtime.max_staleness=1", "runtime.sync_transport=collective", "runtime.debug_check_sync=true",
+                 "train.checkpoint_every=1000", steps=steps)
+
+    def after_step_2():
+        logged = [s for s, _ in metric_steps(out, name, "loss")]
+        return max(logged) if logged and max(logged) >= 2 else None
+
+    with Killer("ray::RolloutWorker", after_step_2, count=2) as rollout:
+        summary = train(cfg)
+    assert rollout.error is None and rollout.killed_pid is not None, "no rollout worker was killed"
+    assert rollout.seen <= steps - 3, f"killed after step {rollout.seen}: too late to prove anything"
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    run_id = summary["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert summary["rollout_restarts"] == 1 and history(client, run_id, "count/rollout_restarts")[-1] == (steps, 1.0)
+    assert {s for s, _ in history(client, run_id, "loss")} == set(range(1, steps + 1))
+    # a second group was set up, after the kill, with the restarted worker in it
+    set_ups = history(client, run_id, "sync/group_set_ups")
+    assert set_ups[0][1] == 1 and set_ups[-1][1] >= 2, set_ups
+    assert min(s for s, v in set_ups if v >= 2) > rollout.seen
+    # every experience trained on was made with exactly its version's snapshot (debug_check_sync)
+    assert history(client, run_id, "count/sync_checked")[-1][1] >= steps
+    # (each sync waits for every worker's receive: the new process took every broadcast since)
+    assert sum(bool(w.get("restarted")) for w in summary["rollout_workers"]) <= 1, summary["rollout_workers"]
+    print(f"\nrollout worker pid {rollout.killed_pid} killed after step {rollout.seen}; groups set up: "
+          f"{set_ups[-1][1]:.0f}; fit {summary['seconds']:.0f} s")
 
 
 # -- 5. a re-run whose steps blow up -----------------------------------------------------------
