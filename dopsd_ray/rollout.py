@@ -187,7 +187,7 @@ class RolloutWorker:
             exp = self.rollout(Batch(images, captions, ids, index=index, stream=self.index, seed=cfg.train.seed))
             index += 1
             self.put(queue, exp)
-        stats = dict(self.stats, version=self.version, restarted=self.restarted)
+        stats = dict(self.stats, version=self.version, restarted=self.restarted, node_id=self.node_id())
         if self.contexts is not None:  # data.cache_contexts: self.family is a CachedContexts
             stats.update(context_hits=self.family.hits, encoders_released_bytes=self.family.released_bytes)
         return stats
@@ -226,3 +226,7 @@ class RolloutWorker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def node_id(self) -> str:
+        """The Ray node this process runs on (the driver's RolloutWatch pings with it)."""
+        return ray.get_runtime_context().get_node_id()
