@@ -114,9 +114,10 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     workers, runs, datasets, watch = [], [], {"train": dataset}, None
     if rt.mode == "disaggregated":
         queue = Queue(maxsize=rt.buffer_size, actor_options=on_driver_node())
-        # a killed worker process is restarted, and its `run` task retried on the new one
+        # a killed worker process is restarted, and its `run` task retried on the new one; three
+        # threads: the roll-out loop, the collective transport's receive, RolloutWatch's pings
         Worker = ray.remote(RolloutWorker).options(
-            max_concurrency=2, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
+            max_concurrency=3, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
         workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i, contexts)
                    for i in range(rt.num_rollout_workers)]
         publisher, store = weight_sync(rt, workers)

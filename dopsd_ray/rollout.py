@@ -11,9 +11,9 @@ each batch into an Experience for the learner:
 Snapshots arrive by runtime.sync_transport:
 - object_store: the roll-out loop polls the WeightStore between roll-outs (fetch_snapshot);
 - collective: learner rank 0 calls join_collective(address, rank) once, then
-  receive_weights(meta) per sync; that runs in the actor's second thread
-  (max_concurrency=2) beside the roll-out loop and only STAGES the snapshot, in host
-  memory (one bucket at a time passes through the GPU).
+  receive_weights(meta) per sync; that runs in a second thread of the actor (max_concurrency=3;
+  the third answers the driver's pings, nodes.RolloutWatch) beside the roll-out loop and only
+  STAGES the snapshot, in host memory (one bucket at a time passes through the GPU).
 Either way `next_snapshot` is the one place that tells them apart, and the swap
 (load_snapshot, stamping the version) happens only in the loop, between roll-outs, one
 bucket at a time (weights.apply_snapshot): a worker never holds a second model on its GPU.
