@@ -216,6 +216,11 @@ class RuntimeConfig(Section):
     # The first snapshot comes after model loading and DeepSpeed set-up (minutes at 6-9B):
     # rollout workers wait this long for it, and sync_timeout_s for every later one.
     startup_timeout_s: float = Field(1800.0, gt=0)
+    # A rollout worker that lost its process or its node must be back (placed again, on a node
+    # that remains or one an autoscaler adds, and its model loaded) within this, or the run
+    # fails naming the resources no node has (dopsd_ray/nodes.py). At most sync_timeout_s (the
+    # learner waits that long for an experience); None: sync_timeout_s.
+    replacement_timeout_s: float | None = Field(None, gt=0)
     sync_bucket_numel: int = Field(50_000_000, ge=1)
     buffer_size: int = Field(4, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 3
@@ -241,6 +246,13 @@ class RuntimeConfig(Section):
             raise ValueError(
                 f"runtime.max_staleness={self.max_staleness} < runtime.sync_every - 1 = {self.sync_every - 1}: "
                 "experiences between syncs would always be too stale; raise max_staleness or sync less rarely")
+        if self.replacement_timeout_s is None:
+            self.replacement_timeout_s = self.sync_timeout_s
+        if self.replacement_timeout_s > self.sync_timeout_s:
+            raise ValueError(
+                f"runtime.replacement_timeout_s={self.replacement_timeout_s:g} > runtime.sync_timeout_s="
+                f"{self.sync_timeout_s:g}: the learner would give up waiting for experiences before a lost rollout "
+                "worker's replacement is due; raise sync_timeout_s or lower replacement_timeout_s")
         if self.teacher_targets == "rollout" and self.mode != "disaggregated":
             raise ValueError("runtime.teacher_targets=rollout needs runtime.mode=disaggregated")
         return self

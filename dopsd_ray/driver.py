@@ -13,7 +13,10 @@ Faults (README "Faults and what happens"): a bad config or a recipe the cluster 
 place fails in preflight, before Ray starts; rollout workers are restartable actors whose
 `run` task is retried on the new process (it re-fetches the latest snapshot); the
 learner group restarts from the last checkpoint up to runtime.max_failures times; a run
-that fails ends its MLflow run as FAILED.
+that fails ends its MLflow run as FAILED. On a cluster (dopsd_ray/nodes.py) the queues
+and the WeightStore live on the driver's node, so a lost worker node takes none of them;
+a rollout worker that does not come back within runtime.replacement_timeout_s after
+losing its node fails the run with an error naming the resources no node has.
 """
 
 import math
@@ -33,6 +36,7 @@ from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .evaluation_job import evaluate_run
 from .families import base_model_path
 from .learner import LearnerInputs, train_loop_per_worker
+from .nodes import RolloutWatch, RolloutWorkersLost, on_driver_node
 from .preview import validation_set
 from .preflight import check_resources, preflight
 from .progress import ProgressPrinter
@@ -55,7 +59,7 @@ def weight_sync(rt: RuntimeConfig, workers: list) -> tuple:
         # a sync waits up to startup_timeout_s for a restarting worker (it loads its models)
         return CollectivePublisher(workers, rt.sync_bucket_numel, timeout_s=rt.sync_timeout_s,
                                    restart_timeout_s=rt.startup_timeout_s), None
-    store = ray.remote(WeightStore).remote()
+    store = ray.remote(WeightStore).options(**on_driver_node()).remote()
     return StorePublisher(store, timeout_s=rt.sync_timeout_s), store
 
 
@@ -109,13 +113,14 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     # 2. rollout workers (disaggregated modes)
     inputs = LearnerInputs(cfg.model_dump(mode="json"), model_path, validation, (tracking_uri(cfg), mlflow.run_id),
                            contexts=contexts)
-    workers, runs, datasets = [], [], {"train": dataset}
+    workers, runs, datasets, watch = [], [], {"train": dataset}, None
     if rt.mode == "disaggregated":
-        queue = Queue(maxsize=rt.buffer_size)
-        # a killed worker process is restarted, and its `run` task retried on the new one;
-        # threads: the roll-out loop, a collective receive, and a join to a new group beside it
+        queue = Queue(maxsize=rt.buffer_size, actor_options=on_driver_node())
+        # a killed worker process is restarted, and its `run` task retried on the new one; four
+        # threads: the roll-out loop, a collective receive, a join to a new group beside a stuck
+        # receive, RolloutWatch's pings
         Worker = ray.remote(RolloutWorker).options(
-            max_concurrency=3, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
+            max_concurrency=4, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
         workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i, contexts)
                    for i in range(rt.num_rollout_workers)]
         publisher, store = weight_sync(rt, workers)
@@ -127,9 +132,12 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
         runs = [w.run.remote(split, store, queue, per_version) for w, split in zip(workers, splits)]
         inputs.weight_sync, inputs.experience_queue = publisher, queue
         datasets = {}
+        # a worker that stays unreachable (its node lost, none to replace it) stops the learners
+        watch = RolloutWatch(workers, queue, rt.num_learners, rt.rollout_resources, rt.replacement_timeout_s)
+        watch.start()
 
     # 3. learner (rank 0 reports every step's progress into a queue the driver draws from)
-    inputs.progress = Queue()
+    inputs.progress = Queue(actor_options=on_driver_node())
     use_gpu = rt.learner_resources.get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -152,9 +160,14 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     finally:
         printer.stop()
         inputs.progress.shutdown()
-        worker_stats = stop_workers(workers, runs)
+        if watch is not None:
+            watch.stop()
+        lost = watch.lost_workers if watch is not None else set()
+        worker_stats = stop_workers(workers, runs, lost=lost)
     seconds = time.perf_counter() - start
-    learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped"}
+    learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped", "node_id"}
+    if watch is not None and watch.lost:
+        raise RolloutWorkersLost(watch.lost)
     if learner.get("stopped"):  # the learners gave up cleanly (non-finite steps), not a crash
         last = result.checkpoint.path if result.checkpoint else None
         raise FloatingPointError(f"{learner['stopped']} Last checkpoint: "
@@ -171,6 +184,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
         "contexts": None if contexts is None else asdict(contexts),
         "rollout_workers": worker_stats,
         "rollout_restarts": learner.get("counters", {}).get("rollout_restarts", 0),
+        "learner_node": learner.get("node_id"),  # rank 0's Ray node (rollout_workers' stats hold theirs)
         "seconds": seconds,
     }
 
@@ -187,18 +201,23 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     return summary
 
 
-def stop_workers(workers, runs, grace_s: float = 15.0) -> list[dict]:
+def stop_workers(workers, runs, grace_s: float = 15.0, lost: set[int] = frozenset()) -> list[dict]:
     """Ask every rollout worker to stop, collect the stats of those that do, kill them all.
 
     A worker blocked in a read at a streaming_split epoch boundary (it waits for the
     other consumers) cannot see stop(): it is killed after `grace_s`, so the driver never
-    hangs on a straggler and the workers' CPUs are free for the next run.
+    hangs on a straggler and the workers' CPUs are free for the next run. Workers in `lost`
+    (RolloutWatch gave up on them: no node to run on) are not waited for.
     """
     for w in workers:
         w.stop.remote()
-    done, _ = ray.wait(runs, num_returns=len(runs), timeout=grace_s) if runs else ([], [])
+    waiting = [r for i, r in enumerate(runs) if i not in lost]
+    done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=grace_s) if waiting else ([], [])
     stats = []
-    for ref in runs:
+    for i, ref in enumerate(runs):
+        if i in lost:
+            stats.append({"stopped": "lost: no node to run on"})
+            continue
         try:
             stats.append(ray.get(ref, timeout=0) if ref in done else {"stopped": "killed after grace period"})
         except Exception as err:  # a worker that failed: say so in the summary

@@ -28,6 +28,9 @@ Faults (README "Faults and what happens"):
   stale ones, whatever their version.
 - a restarted rollout worker announces itself with a RolloutRestart in the experience
   queue: counted in `count/rollout_restarts`.
+- a rollout worker lost for good (its node gone, none to replace it: nodes.RolloutWatch)
+  shows as a RolloutLost in the queue: every rank stops cleanly (no FailureConfig retry: a
+  learner restart brings no node back) and the driver raises, naming the missing resources.
 
 Every ZeRO-3 gather is a collective: all ranks take part in publishing, sampling,
 checkpointing and export; only rank 0 writes, and only rank 0 decodes sample grids.
@@ -55,7 +58,7 @@ import torch
 
 from .algorithms.lr_schedule import lr_at
 from .algorithms.schedules import training_sigmas
-from .algorithms.steps import Batch, RolloutRestart, colocated_loss, experience_loss
+from .algorithms.steps import Batch, RolloutLost, RolloutRestart, colocated_loss, experience_loss
 from .checkpoint import load_checkpoint, ray_upload_fn, save_checkpoint, usable_checkpoint, checkpoint_dir_name
 from .config import Config
 from .contexts import ContextCache, cached_contexts
@@ -87,13 +90,15 @@ class LearnerInputs:
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
-    """Rank 0's return value reaches the driver as Result.return_value: step, counters, and
-    "stopped" (a message) when the learners gave up on non-finite steps."""
+    """Rank 0's return value reaches the driver as Result.return_value: step, counters, the
+    node it ran on, and "stopped" (a message) when the learners gave up (non-finite steps, or
+    rollout workers lost)."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     learner = Learner(loop_config["inputs"])
     learner.setup()
     stopped = learner.train()
-    return {"step": learner.step, "counters": dict(learner.counters), "stopped": stopped}
+    return {"step": learner.step, "counters": dict(learner.counters), "stopped": stopped,
+            "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -299,6 +304,9 @@ class Learner:
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
             step = self.optimizer_step(batches)
+            if step is None:  # a rollout worker is lost for good
+                return self.stop(f"training stopped at step {self.step}: rollout workers were lost "
+                                 "(the driver's error names the resources they need)")
             if step["applied"]:
                 self.ema.step(cfg.algorithm.ema_decay)
                 release_stale_gathers(self.weights.teacher_parameters())
@@ -348,6 +356,9 @@ class Learner:
                     print(f"rollout worker {exp.index} restarted (restarts so far: "
                           f"{self.counters['rollout_restarts']})", flush=True)
                     continue
+                if isinstance(exp, RolloutLost):  # the driver gave up on a lost rollout worker
+                    yield exp, time.perf_counter() - start, dropped
+                    continue
                 # another generation: made with a dead learner's snapshot; older than max_staleness:
                 # too stale
                 if (exp.generation == self.generation and 0 <= self.step - exp.version <= self.cfg.runtime.max_staleness
@@ -372,7 +383,8 @@ class Learner:
         """One step: the learning rate for it, train.grad_accum micro-batches from `batches`,
         each with its loss and backward (the gradients accumulate), then clip + AdamW.
         Returns what log_step needs; "applied" is False (nothing changed) if a loss or the
-        gradients were not finite, on any rank for any micro-batch. Every rank agrees."""
+        gradients were not finite, on any rank for any micro-batch. Every rank agrees.
+        None: some rank read a RolloutLost (disaggregated); every rank stops."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg.optim, cfg.train.steps)
         for group in self.optimizer.param_groups:
@@ -383,6 +395,9 @@ class Learner:
         for micro in range(accum):
             start = time.perf_counter()
             item, item_waited, item_dropped = next(batches)
+            # every rank agrees before any backward, so none is left alone in a collective
+            if self.queue is not None and not self.ranks.all_true(not isinstance(item, RolloutLost)):
+                return None
             fetch_s += time.perf_counter() - start
             waited, dropped = waited + item_waited, dropped + item_dropped
             if isinstance(item, Batch):
@@ -412,6 +427,10 @@ class Learner:
                    f"{self.cfg.optim.max_consecutive_skips}; last loss {loss}). The skipped steps changed "
                    "no weights. Lower optim.lr, check the data and the config, then re-run with the same "
                    "train.run_name to resume from the last checkpoint.")
+        return self.stop(message)
+
+    def stop(self, message: str) -> str:
+        """End the loop on every rank without an error (Ray Train does not retry it); returns `message`."""
         if self.rank == 0:
             print(message, flush=True)
             if self.mlflow:

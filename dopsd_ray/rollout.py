@@ -12,8 +12,9 @@ Snapshots arrive by runtime.sync_transport:
 - object_store: the roll-out loop polls the WeightStore between roll-outs (fetch_snapshot);
 - collective: learner rank 0 calls join_collective(address, rank) once (again when it
   sets up a new group), collective_group() before every sync, then receive_weights(meta);
-  that runs in another actor thread (max_concurrency=3) beside the roll-out loop and only STAGES the snapshot, in host
-  memory (one bucket at a time passes through the GPU).
+  that runs in another actor thread (max_concurrency=4: the roll-out loop, a receive, a join
+  beside a stuck receive, the driver's pings from nodes.RolloutWatch) and only STAGES the
+  snapshot, in host memory (one bucket at a time passes through the GPU).
 Either way `next_snapshot` is the one place that tells them apart, and the swap
 (load_snapshot, stamping the version) happens only in the loop, between roll-outs, one
 bucket at a time (weights.apply_snapshot): a worker never holds a second model on its GPU.
@@ -190,7 +191,7 @@ class RolloutWorker:
             exp = self.rollout(Batch(images, captions, ids, index=index, stream=self.index, seed=cfg.train.seed))
             index += 1
             self.put(queue, exp)
-        stats = dict(self.stats, version=self.version, restarted=self.restarted)
+        stats = dict(self.stats, version=self.version, restarted=self.restarted, node_id=self.node_id())
         if self.contexts is not None:  # data.cache_contexts: self.family is a CachedContexts
             stats.update(context_hits=self.family.hits, encoders_released_bytes=self.family.released_bytes)
         return stats
@@ -229,3 +230,7 @@ class RolloutWorker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def node_id(self) -> str:
+        """The Ray node this process runs on (the driver's RolloutWatch pings with it)."""
+        return ray.get_runtime_context().get_node_id()

@@ -61,3 +61,16 @@ def deepspeed_world1():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A multi-node Ray on this machine (tests/cluster.py: a CPU-less head this process drives
+    from, learner and rollout nodes added by each test), shut down after the module."""
+    import ray
+    from cluster import NodeCluster
+
+    assert not ray.is_initialized(), "a module before this one left Ray running"
+    cluster = NodeCluster()
+    yield cluster
+    cluster.shutdown()

@@ -53,6 +53,8 @@ def test_overrides_are_typed_and_nested(tmp_path):
     (["runtime.mode=colocated", "runtime.teacher_targets=rollout"], "runtime", "needs runtime.mode=disaggregated"),
     (["runtime.sync_every=4", "runtime.max_staleness=1"], "runtime", "max_staleness=1 < runtime.sync_every - 1"),
     (["model.tiny=false"], "model", "set model.path"),
+    (["runtime.sync_timeout_s=60", "runtime.replacement_timeout_s=120"], "runtime",
+     "replacement_timeout_s=120 > runtime.sync_timeout_s=60"),
 ])
 def test_bad_values_name_the_field(override, field, hint):
     with pytest.raises(ConfigError) as err:

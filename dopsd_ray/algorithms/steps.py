@@ -67,6 +67,14 @@ class RolloutRestart:
     index: int
 
 
+@dataclass(frozen=True)
+class RolloutLost:
+    """Put in the experience queue by the driver (nodes.RolloutWatch), one per learner rank, when
+    a rollout worker did not come back after losing its process or node: the learners stop."""
+
+    message: str
+
+
 @dataclass
 class Experience:
     """What a rollout worker hands the learner: one roll-out of one batch."""

@@ -53,6 +53,7 @@ import ray.data
 from PIL import Image, ImageOps
 
 from ..config import check_caption_template
+from ..nodes import on_driver_node
 from .shards import (
     COLUMNS, DEFAULT_MAX_PIXELS, EXAMPLES_PER_REASON, IMAGE_EXTENSIONS, DropCounter, Source, clean_captions,
     is_caption_file, list_sources, load_row, open_image,
@@ -327,7 +328,7 @@ def read_shards(uri: str | list[str], spec=None) -> tuple[ray.data.Dataset, Stre
         check_parquet_columns(parquet)
 
     # 2. one lazy dataset of {id, image, captions} rows
-    counter = ray.remote(DropCounter).options(num_cpus=0).remote()
+    counter = ray.remote(DropCounter).options(**on_driver_node()).remote()  # no lost node takes it
     shuffle = ray.data.FileShuffleConfig(seed=spec.seed) if spec.shuffle_files else None
     parts = [in_memory_dataset(u, sources, counter, spec.max_pixels) for u, sources in small]
     if parquet:
