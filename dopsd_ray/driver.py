@@ -109,20 +109,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
                            contexts=contexts)
     workers, runs, datasets = [], [], {"train": dataset}
     if rt.mode == "disaggregated":
-        queue = Queue(maxsize=rt.buffer_size)
-        # a killed worker process is restarted, and its `run` task retried on the new one
-        Worker = ray.remote(RolloutWorker).options(
-            max_concurrency=2, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
-        workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i, contexts)
-                   for i in range(rt.num_rollout_workers)]
-        publisher, store = weight_sync(rt, workers)
-        # strictly on-policy: each snapshot makes just what the learners consume in one step
-        # (grad_accum experiences per learner rank; the snapshot's version is the optimizer step)
-        per_version = None if rt.max_staleness > 0 else math.ceil(
-            rt.num_learners * cfg.train.grad_accum / rt.num_rollout_workers)
-        splits = dataset.streaming_split(rt.num_rollout_workers)
-        runs = [w.run.remote(split, store, queue, per_version) for w, split in zip(workers, splits)]
-        inputs.weight_sync, inputs.experience_queue = publisher, queue
+        workers, runs, inputs.weight_sync, inputs.experience_queue = start_rollout(cfg, model_path, dataset, contexts)
         datasets = {}
 
     # 3. learner (rank 0 reports every step's progress into a queue the driver draws from)
@@ -182,6 +169,26 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
                                               {cfg.train.run_name: summary["export"]}, str(run_dir / "eval"),
                                               mlflow, cfg.train.steps))
     return summary
+
+
+def start_rollout(cfg: Config, model_path: str, dataset, contexts, worker_class=RolloutWorker) -> tuple:
+    """The rollout workers of a disaggregated run, producing: (workers, their `run` refs, the
+    learner's WeightPublisher, the experience queue). benchmarks/ab.py passes a subclass."""
+    rt = cfg.runtime
+    queue = Queue(maxsize=rt.buffer_size)
+    # a killed worker process is restarted, and its `run` task retried on the new one
+    Worker = ray.remote(worker_class).options(
+        max_concurrency=2, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
+    workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i, contexts)
+               for i in range(rt.num_rollout_workers)]
+    publisher, store = weight_sync(rt, workers)
+    # strictly on-policy: each snapshot makes just what the learners consume in one step
+    # (grad_accum experiences per learner rank; the snapshot's version is the optimizer step)
+    per_version = None if rt.max_staleness > 0 else math.ceil(
+        rt.num_learners * cfg.train.grad_accum / rt.num_rollout_workers)
+    splits = dataset.streaming_split(rt.num_rollout_workers)
+    runs = [w.run.remote(split, store, queue, per_version) for w, split in zip(workers, splits)]
+    return workers, runs, publisher, queue
 
 
 def stop_workers(workers, runs, grace_s: float = 15.0) -> list[dict]:
