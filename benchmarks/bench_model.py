@@ -90,3 +90,34 @@ def write_result(result: dict, out: str | None, name: str) -> Path:
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")
     return path
+
+
+def _storage_key(t):
+    s = t.untyped_storage()
+    return (s.data_ptr(), s.nbytes())
+
+
+def count_rank_memory(module, engine) -> dict:
+    """Bytes this rank holds for parameters, fp32 master partitions and optimizer state."""
+    seen = set()
+
+    def add(tensors) -> int:
+        total = 0
+        for t in tensors:
+            if t is None or not hasattr(t, "untyped_storage") or t.numel() == 0:
+                continue
+            key = _storage_key(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += key[1]
+        return total
+
+    params = add(getattr(p, "ds_tensor", p) for p in module.parameters())
+    opt = engine.optimizer
+    fp32 = add(getattr(opt, "fp32_partitioned_groups_flat", []) or [])
+    inner = getattr(opt, "optimizer", opt)
+    state = add(v for s in inner.state.values() for v in s.values() if hasattr(v, "untyped_storage"))
+    full = sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in module.parameters())
+    return {"params": params, "fp32_master": fp32, "optimizer": state, "total": params + fp32 + state,
+            "full_model_bytes": full}
