@@ -297,13 +297,15 @@ def worker_sync_seconds(arm: dict) -> float:
     return sum(s["sync_seconds"] for s in ray.get([w.bench_stats.remote() for w in arm.get("workers", [])]))
 
 
-def timed_step(name: str, learner, arm: dict, device, gc_clock: GcClock, rank0: bool) -> dict:
-    """One real learner step of `arm`, with everything the summary needs."""
+def timed_step(name: str, learner, arm: dict, device, gc_clock: GcClock, rank0: bool, memory: bool = False) -> dict:
+    """One real learner step of `arm`, with everything the summary needs. `memory`: also its
+    peak above the baseline (this runs a full GC and malloc_trim first: only in the memory
+    rounds, so the timed rounds keep training's own GC pattern)."""
     before_sync = worker_sync_seconds(arm) if rank0 and "workers" in arm else 0.0
-    base = trim_and_reset_peak(device)
+    base = trim_and_reset_peak(device) if memory else 0
     gc0, gcn0 = gc_clock.seconds, gc_clock.collections
     step = learner.train_step(learner.bench_batches)
-    peak = peak_since(device) - base
+    peak = peak_since(device) - base if memory else None
     row = {"step_s": step["step_seconds"], "compute_s": step["compute_seconds"], "fetch_s": step["fetch_seconds"],
            "waited_s": step["waited"], "rollout_s": step["rollout_seconds"] * learner.cfg.train.grad_accum,
            "sync_s": step["sync"].get("sync/seconds", 0.0), "sync_bytes": step["sync"].get("sync/bytes", 0),
@@ -409,11 +411,11 @@ def bench_loop(config: dict) -> None:
         if rank0:
             print(f"round {r + 1}/{config['rounds'] + config['warmup']}"
                   + (" (warm-up)" if r < config["warmup"] else ""), flush=True)
-    memory = config["memory"]  # the memory arms: a few steps each, one after the other
-    result["memory_rounds"] = [{name: timed_step(name, learners[name], arms[name], device, gc_clock, rank0)
+    memory = [*timing, *config["memory"]]  # every arm: a few steps each, its peak measured
+    result["memory_rounds"] = [{name: timed_step(name, learners[name], arms[name], device, gc_clock, rank0, True)
                                 for name in memory} for _ in range(config["memory_steps"] if memory else 0)]
     result["memory_state"] = {name: state_bytes(learners[name]) for name in [*timing, *memory]}
-    for name in config["bursts"]:  # an arm alone, back to back: the rollout overlaps the learner
+    for name in config["bursts"] if config["burst"] else []:  # an arm alone, back to back: the rollout overlaps the learner
         learner, arm = learners[name], arms[name]
         timed_step(name, learner, arm, device, gc_clock, False)  # untimed: the pipeline fills
         t0 = time.perf_counter()
@@ -575,15 +577,17 @@ def summarize(jobs: dict, warmup: int, k: int) -> dict:
     for world, j in jobs.items():  # memory per learner rank: the counted state + the measured step peak
         per_arm = {}
         for n, state in j["memory_state"].items():
-            peaks = [r[n]["step_peak_bytes"] for r in j["rounds"] + j["memory_rounds"] if n in r]
+            peaks = [r[n]["step_peak_bytes"] for r in j["memory_rounds"] if n in r]
+            if not peaks:  # --no-memory
+                continue
             peak = max(peaks[1:] or peaks)  # after the first step (which creates the AdamW moments)
             per_arm[n] = {**state, "step_peak": peak, "per_rank": state["total"] + peak}
         ratios = {}
         for n in per_arm:
-            if n.startswith("mem_dopsd"):
+            if n.startswith("mem_dopsd") and n.replace("mem_dopsd", "mem_sft") in per_arm:
                 s = n.replace("mem_dopsd", "mem_sft")
                 ratios[n.replace("mem_dopsd_", "")] = per_arm[n]["per_rank"] / per_arm[s]["per_rank"]
-        if "dopsd_colocated" in per_arm and "sft" in per_arm:
+        if "dopsd_colocated" in per_arm and "sft" in per_arm:  # the timing arms: LoRA, ZeRO-3, cached
             ratios["lora_z3_timing_arms"] = per_arm["dopsd_colocated"]["per_rank"] / per_arm["sft"]["per_rank"]
         out["memory"][f"world{world}"] = {"arms": per_arm, "dopsd_over_sft": ratios, "lora_target": 1.3,
                                           "process_max_rss_bytes": j.get("max_rss_bytes")}
@@ -664,7 +668,8 @@ def main(argv=None) -> int:
             arms.update(mem)
             memory = list(mem)
         print(f"\njob: {world} learner rank(s), {len(arms)} arms", flush=True)
-        jobs[str(world)] = run_job(args, model_path, arms, timing, memory, bursts, world, sample)
+        jobs[str(world)] = run_job(args, model_path, arms, timing, memory, bursts, world, sample,
+                                   memory_steps=0 if args.no_memory else 2)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores"
     res = {"host": socket.gethostname(), "device": device, "torch": torch.__version__, "args": vars(args),

@@ -60,7 +60,7 @@ def test_forward_equivalents_per_mode():
 
 def _row(step_s, images=1, states=1, **extra):
     row = {"step_s": step_s, "waited_s": 0.0, "rollout_s": 0.0, "sync_s": 0.0, "sync_bytes": 0, "fetch_s": 0.0,
-           "gc_s": 0.0, "images": images, "states": states, "step_peak_bytes": 100}
+           "gc_s": 0.0, "images": images, "states": states, "step_peak_bytes": None}
     return {**row, **extra}
 
 
@@ -71,7 +71,8 @@ def test_summary_pairs_rounds_and_explains_outliers():
     rounds = [{"sft": _row(s), "dopsd_colocated": _row(d, states=4, gc_s=1.4 if i == 4 else 0.0), "bare": bare}
               for i, (s, d) in enumerate(zip(sft, dopsd))]
     state = {"total": 1000}
-    job = {"rounds": rounds, "memory_rounds": [], "bursts": {},
+    peaks = {"sft": {"step_peak_bytes": 100}, "dopsd_colocated": {"step_peak_bytes": 100}}
+    job = {"rounds": rounds, "memory_rounds": [peaks, peaks], "bursts": {},
            "memory_state": {"sft": state, "dopsd_colocated": {"total": 1200}}}
     out = summarize({"1": job}, warmup=1, k=4)
     pair = out["device_seconds"]["dopsd_colocated/sft"]
@@ -92,11 +93,12 @@ def test_ab_smoke(tmp_path):
     """The harness end to end at a tiny size (Ray Train + DeepSpeed, a real rollout worker)."""
     out = tmp_path / "ab.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--dim", "64", "--layers", "1",
-                    "--arms", "sft,dopsd_async_rollout", "--rounds", "1", "--warmup", "0", "--ranks", "1",
-                    "--no-memory", "--burst", "1", "--work-dir", str(tmp_path), "--out", str(out)],
+                    "--arms", "sft,dopsd_onpolicy", "--rounds", "1", "--warmup", "0", "--ranks", "1",
+                    "--no-memory", "--burst", "0", "--work-dir", str(tmp_path), "--out", str(out)],
                    check=True, cwd=ROOT, timeout=300)
     res = json.loads(out.read_text())
     (row,) = res["jobs"]["1"]["rounds"]
-    assert row["dopsd_async_rollout"]["states"] == 4 and row["sft"]["states"] == 1
-    assert row["dopsd_async_rollout"]["rollout_s"] > 0 and row["dopsd_async_rollout"]["raw_transfer_s"] > 0
-    assert "dopsd_async_rollout/sft" in res["summary"]["device_seconds"]
+    assert row["dopsd_onpolicy"]["states"] == 4 and row["sft"]["states"] == 1
+    assert row["dopsd_onpolicy"]["rollout_s"] > 0 and row["dopsd_onpolicy"]["raw_transfer_s"] > 0
+    assert row["dopsd_onpolicy"]["sync_bytes"] > 0 and row["sft"]["sync_bytes"] == 0
+    assert "dopsd_onpolicy/sft" in res["summary"]["device_seconds"]
