@@ -89,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "bench"))
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ab-<cpu|gpu>.json)")
     p.add_argument("--quality", action="store_true", help="run benchmarks/quality.py instead (time to quality)")
+    p.add_argument("--table", default=None, help="print the README table of this result JSON, and stop")
+    p.add_argument("--quality-json", default=None, help="with --table: quality.py's JSON, for its row")
     return p.parse_args(argv)
 
 
@@ -640,6 +642,10 @@ def main(argv=None) -> int:
         from benchmarks import quality
 
         return quality.main([])
+    if args.table:
+        q = json.loads(Path(args.quality_json).read_text()) if args.quality_json else None
+        print(readme_table(json.loads(Path(args.table).read_text()), q))
+        return 0
     torch.set_num_threads(1)
     work = Path(args.work_dir)
     model_path = build_bench_zimage(work / f"zimage-d{args.dim}-l{args.layers}-r1", args.dim, args.layers, 1)
@@ -685,6 +691,66 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(res, indent=1, default=str))
     print(f"\nwrote {out} ({res['seconds']:.0f} s)")
     return 0
+
+
+
+def readme_table(res: dict, quality: dict | None = None) -> str:
+    """The README's headline table from a result JSON (and quality.py's), so it is refreshed, not retyped:
+    python benchmarks/ab.py --table benchmarks/results/ab-cpu.json [--quality-json ...]."""
+    s = res["summary"]
+    d, lim, sync, mem, scal = s["device_seconds"], s["limit"], s["sync"], s["memory"], s["scaling"]
+
+    def cell(p, fmt="{:.2f}"):
+        return f"{fmt.format(p['median'])} [{fmt.format(p['q25'])}-{fmt.format(p['q75'])}], max {fmt.format(p['max'])}"
+
+    rows = []
+    for arm, label in (("dopsd_colocated", "colocated"), ("dopsd_onpolicy", "disaggregated on-policy"),
+                       ("dopsd_async", "async"), ("dopsd_async_rollout", "async, teacher targets on rollout")):
+        pairs = [(base, d[f"{arm}/{base}"]) for base in ("sft", "sft_kb", "sft_plain") if f"{arm}/{base}" in d]
+        if not pairs:
+            continue
+        short = {"sft": "B", "sft_kb": "K*B", "sft_plain": "plain"}
+        measured = "; ".join(f"{short[b]}: {cell(v['per_state'])}" for b, v in pairs)
+        count = pairs[0][1]["arithmetic_per_state"]
+        over = ", ".join(f"{v['overhead']:.2f} ({short[b]}{'' if v['met'] else ' MISSED'})" for b, v in pairs)
+        rows.append((f"device-s per trained state, D-OPSD {label} / SFT (batch B, K*B, plain: no EMA)", measured,
+                     f"count {count:.2f}; measured / count {over}; target <= 1.25"))
+    if s["per_step"]:
+        p = s["per_step"]
+        rows.append(("seconds per step, D-OPSD colocated / SFT, same batch", cell(p["dopsd_colocated/sft"]),
+                     f"count {p['arithmetic']:.2f}; paper: ~4x FLOPs, ~2x wall"))
+    for arm in ("sft", "dopsd_colocated", "dopsd_async_rollout"):
+        if arm in lim:
+            rows.append((f"learner step / bare model (fwd+bwd{'' if arm.startswith('sft') or arm.endswith('rollout') else ' + teacher fwd'}), {arm}",
+                         cell(lim[arm]["learner"]), "the distance from the limit"))
+    for arm in ("dopsd_onpolicy", "dopsd_async_rollout"):
+        if arm in lim:
+            rows.append((f"learner utilisation (sync counted), {arm}", cell(lim[arm]["utilisation"], "{:.3f}"),
+                         f">= 0.90: {'met' if lim[arm]['utilisation']['median'] >= 0.9 else 'MISSED'}"))
+    for arm, v in sync.items():
+        rows.append((f"LoRA sync share of the learner step, {arm} ({v['bytes'] / 1e6:.1f} MB)",
+                     cell(v["share_of_step"], "{:.3f}"),
+                     f"<= 0.02: {'met' if v['share_of_step']['median'] <= 0.02 else 'MISSED'}; "
+                     f"sync / raw transfer {v['vs_raw_transfer']['median']:.2f}x"))
+    for world, m in mem.items():
+        for key, ratio in m["dopsd_over_sft"].items():
+            target = f"<= 1.3: {'met' if ratio <= 1.3 else 'MISSED'}" if "lora" in key else ""
+            rows.append((f"memory per learner rank, D-OPSD / SFT, {key}, {world}", f"{ratio:.2f}", target))
+    if "dopsd_async_rollout_2w@world1" in scal and "dopsd_async_rollout@world1" in scal:
+        a, b = scal["dopsd_async_rollout@world1"], scal["dopsd_async_rollout_2w@world1"]
+        rows.append(("images/s, 2 rollout workers / 1 (async, rollout targets)",
+                     f"{b['images_per_s'] / a['images_per_s']:.2f}", "2 cores: cannot show scaling"))
+    for arm in ("sft", "dopsd_colocated"):
+        if f"{arm}@world2" in scal and f"{arm}@world1" in scal:
+            rows.append((f"images/s, 2 learner ranks / 1, {arm}",
+                         f"{scal[f'{arm}@world2']['images_per_s'] / scal[f'{arm}@world1']['images_per_s']:.2f}",
+                         "2 cores: cannot show scaling"))
+    if quality and quality.get("ratio_dopsd_over_sft") is not None:
+        rows.append(("device-s to quality (concept >= 0.95, prior >= 0.95x base), D-OPSD / SFT, toy",
+                     f"{quality['ratio_dopsd_over_sft']:.2f}", "benchmarks/quality.py"))
+    lines = ["| ratio | measured: median [IQR], max | count, target |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
