@@ -443,7 +443,9 @@ def run_job(args, model_path: Path, arms: dict, timing: list[str], memory: list[
     from dopsd_ray.data.stream import bundled_dataset_path, read_shards
     from dopsd_ray.driver import stop_workers
 
-    first = Config.model_validate(next(iter(arms.values()))["config"])
+    # one fill for every arm (the same model settings): with an SFT config, so it holds the latents too
+    first = Config.model_validate(next((a for a in arms.values() if a["config"]["algorithm"]["name"] == "sft"),
+                                       next(iter(arms.values())))["config"])
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset, _ = read_shards(bundled_dataset_path(), first)
     dataset = dataset.materialize()
