@@ -89,6 +89,7 @@ def test_summary_pairs_rounds_and_explains_outliers():
     assert out["memory"]["world1"]["dopsd_over_sft"]["lora_z3_timing_arms"] == pytest.approx(1300 / 1100)
 
 
+@pytest.mark.slow  # ~90 s on the shared 2-core machine (Ray, Ray Train, 2 DeepSpeed engines, a rollout actor)
 def test_ab_smoke(tmp_path):
     """The harness end to end at a tiny size (Ray Train + DeepSpeed, a real rollout worker)."""
     out = tmp_path / "ab.json"
