@@ -396,7 +396,10 @@ def bench_loop(config: dict) -> None:
     torch.set_num_threads(1)
     gc_clock = GcClock()
     arms, timing = config["arms"], config["timing"]
+    t0 = time.perf_counter()
     learners = {name: build_learner(name, arm) for name, arm in arms.items()}
+    if rank0:
+        print(f"{len(learners)} learners set up in {time.perf_counter() - t0:.0f} s", flush=True)
     device = next(iter(learners.values())).device
     result = {"world": ctx.get_world_size(), "rounds": [], "memory_state": {}, "bursts": {}}
     bare = bare_setup(arms[timing[0]], config["sample"], config["k"], device) if timing and rank0 else None
@@ -414,11 +417,15 @@ def bench_loop(config: dict) -> None:
             print(f"round {r + 1}/{config['rounds'] + config['warmup']}"
                   + (" (warm-up)" if r < config["warmup"] else ""), flush=True)
     memory = [*timing, *config["memory"]]  # every arm: a few steps each, its peak measured
+    if rank0 and config["memory_steps"]:
+        print(f"memory rounds: {config['memory_steps']} steps of {len(memory)} arms", flush=True)
     result["memory_rounds"] = [{name: timed_step(name, learners[name], arms[name], device, gc_clock, rank0, True)
                                 for name in memory} for _ in range(config["memory_steps"] if memory else 0)]
     result["memory_state"] = {name: state_bytes(learners[name]) for name in [*timing, *memory]}
     for name in config["bursts"] if config["burst"] else []:  # an arm alone, back to back: the rollout overlaps the learner
         learner, arm = learners[name], arms[name]
+        if rank0:
+            print(f"burst: {name}, {config['burst']} steps", flush=True)
         timed_step(name, learner, arm, device, gc_clock, False)  # untimed: the pipeline fills
         t0 = time.perf_counter()
         rows = [timed_step(name, learner, arm, device, gc_clock, False) for _ in range(config["burst"])]
@@ -651,7 +658,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     work = Path(args.work_dir)
     model_path = build_bench_zimage(work / f"zimage-d{args.dim}-l{args.layers}-r1", args.dim, args.layers, 1)
-    init_ray()
+    init_ray(log_to_driver=True)  # the learner's round-by-round progress
     started = time.time()
     sample = sample_batch(args, model_path)
     worlds = [int(w) for w in args.ranks.split(",") if w]

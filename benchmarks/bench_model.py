@@ -70,15 +70,15 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def init_ray(**kwargs) -> None:
+def init_ray(log_to_driver: bool = False, **kwargs) -> None:
     """The cluster's Ray under `ray job submit` (RAY_ADDRESS set), else a local Ray with
     room for the benchmark's actors on a small machine."""
     import ray
 
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False, **kwargs)
+        ray.init(log_to_driver=log_to_driver, **kwargs)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, **kwargs)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=log_to_driver, **kwargs)
 
 
 def write_result(result: dict, out: str | None, name: str) -> Path:
