@@ -70,15 +70,15 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def init_ray(**kwargs) -> None:
+def init_ray(log_to_driver: bool = False, **kwargs) -> None:
     """The cluster's Ray under `ray job submit` (RAY_ADDRESS set), else a local Ray with
     room for the benchmark's actors on a small machine."""
     import ray
 
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False, **kwargs)
+        ray.init(log_to_driver=log_to_driver, **kwargs)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, **kwargs)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=log_to_driver, **kwargs)
 
 
 def write_result(result: dict, out: str | None, name: str) -> Path:
@@ -90,3 +90,34 @@ def write_result(result: dict, out: str | None, name: str) -> Path:
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")
     return path
+
+
+def _storage_key(t):
+    s = t.untyped_storage()
+    return (s.data_ptr(), s.nbytes())
+
+
+def count_rank_memory(module, engine) -> dict:
+    """Bytes this rank holds for parameters, fp32 master partitions and optimizer state."""
+    seen = set()
+
+    def add(tensors) -> int:
+        total = 0
+        for t in tensors:
+            if t is None or not hasattr(t, "untyped_storage") or t.numel() == 0:
+                continue
+            key = _storage_key(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += key[1]
+        return total
+
+    params = add(getattr(p, "ds_tensor", p) for p in module.parameters())
+    opt = engine.optimizer
+    fp32 = add(getattr(opt, "fp32_partitioned_groups_flat", []) or [])
+    inner = getattr(opt, "optimizer", opt)
+    state = add(v for s in inner.state.values() for v in s.values() if hasattr(v, "untyped_storage"))
+    full = sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in module.parameters())
+    return {"params": params, "fp32_master": fp32, "optimizer": state, "total": params + fp32 + state,
+            "full_model_bytes": full}

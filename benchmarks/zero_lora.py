@@ -48,7 +48,7 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from benchmarks.bench_model import make_transformer
-    from benchmarks.memory import count_rank_memory
+    from benchmarks.bench_model import count_rank_memory
     from dopsd_ray.config import load_config
     from dopsd_ray.families.zimage import LORA_TARGETS
     from dopsd_ray.learner import deepspeed_config

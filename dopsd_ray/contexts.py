@@ -13,6 +13,8 @@ every row once.
     root/fingerprint.json                what the entries were computed with
     root/student/<key>.safetensors       one caption's student context
     root/teacher/<key>.safetensors       one (caption, image)'s teacher context
+    root/latent/<key>.safetensors        one image's VAE latent (SFT runs: x0, as a good SFT
+                                         trainer caches it; the VAE stays for sample grids)
 
 Never used for anything else, silently:
 - key = sha256(fingerprint, caption[, image shape, dtype and values]): another caption,
@@ -49,12 +51,13 @@ from .data.stream import collate
 from .families import family_module, load_family
 from .families import vlm as vlm_module
 
-KINDS = ("student", "teacher")
+KINDS = ("student", "teacher", "latent")
+LATENT_FILES = ("vae",)  # the subfolder whose files make latents (fingerprinted with the context files)
 # The ModelConfig fields that change a context (files and code are fingerprinted separately).
 CONTEXT_SETTINGS = ("family", "dtype", "max_sequence_length", "teacher_max_sequence_length", "teacher_context",
                     "vlm_min_pixels", "vlm_max_pixels")
 LIBRARIES = ("torch", "transformers", "tokenizers", "diffusers")
-FORMAT = "1"  # the entries' layout; bump it when it changes
+FORMAT = "2"  # the entries' layout; bump it when it changes
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ def fingerprint_parts(model, model_path: str, memo: dict) -> tuple[dict[str, str
     parts.update({f"library {name}": importlib.metadata.version(name) for name in LIBRARIES})
     for source in (module.__file__, vlm_module.__file__):
         parts[f"code {Path(source).name}"] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
-    folders = [("model", local_dir(model_path, module.CONTEXT_FILES), module.CONTEXT_FILES)]
+    made_by = tuple(dict.fromkeys(module.CONTEXT_FILES + LATENT_FILES))
+    folders = [("model", local_dir(model_path, made_by), made_by)]
     if model.teacher_context == "vlm":
         vlm_path = model.teacher_vlm_path or module.default_teacher_vlm(model_path)
         folders.append(("teacher VLM", local_dir(vlm_path), ("",)))
@@ -217,7 +221,8 @@ def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def fill_context_cache(config: dict, model_path: str, data, root: str, prompts: list[str] = ()) -> ContextCache:
     """Every pair's student and teacher contexts, and the student contexts of `prompts` (the
-    sample grids' columns), written under `root` unless already there.
+    sample grids' columns), written under `root` unless already there; for SFT also every
+    image's VAE latent (x0).
 
     data: a Ray Dataset of decoded rows (data/stream.py), or an iterable of them. Both
     kinds are filled whatever the algorithm: sample grids show the teacher context too.
@@ -233,11 +238,13 @@ def fill_context_cache(config: dict, model_path: str, data, root: str, prompts: 
     fingerprint = open_root(root, parts, files, old)
     family, wanted, computed = None, set(), 0
     rows = data.iter_rows() if hasattr(data, "iter_rows") else data
-    wanted_entries = (((caption, None), (caption, images[0])) for images, (caption,), _ in (collate([r]) for r in rows))
-    extra = (((prompt, None),) for prompt in prompts)
+    latents = cfg.algorithm.name == "sft"
+    wanted_entries = ((("student", caption, None), ("teacher", caption, images[0]))
+                      + ((("latent", "", images[0]),) if latents else ())
+                      for images, (caption,), _ in (collate([r]) for r in rows))
+    extra = ((("student", prompt, None),) for prompt in prompts)
     for entries in itertools.chain(wanted_entries, extra):
-        for caption, image in entries:  # a training batch's exact (caption, image); image None: the student's
-            kind = "student" if image is None else "teacher"
+        for kind, caption, image in entries:  # a training batch's exact (caption, image)
             path = entry_path(root, fingerprint, kind, caption, image)
             wanted.add(path)
             if path.is_file():
@@ -245,9 +252,12 @@ def fill_context_cache(config: dict, model_path: str, data, root: str, prompts: 
             if family is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 family = load_family(cfg.model, model_path, device=device, transformer_device="cpu")
-            context = (family.student_context([caption]) if image is None
-                       else family.teacher_context([caption], image[None].to(family.device)))
-            write_entry(path, *split_context(context.to("cpu"))[0])
+            if kind == "latent":
+                write_entry(path, {"x0": family.encode_images(image[None].to(family.device))[0].cpu()}, {})
+            else:
+                context = (family.student_context([caption]) if image is None
+                           else family.teacher_context([caption], image[None].to(family.device)))
+                write_entry(path, *split_context(context.to("cpu"))[0])
             computed += 1
     for stale in [p for kind in KINDS for p in (root / kind).glob("*.safetensors") if p not in wanted]:
         stale.unlink()
@@ -274,6 +284,7 @@ class CachedContexts:
         self.family, self.cache = family, cache
         self.module = family_module(family.name)  # where the entries' context classes live
         self.hits = 0  # contexts read
+        self.latent_hits = 0  # latents read (SFT)
         self.released_bytes = 0  # set by cached_contexts
 
     def __getattr__(self, name):
@@ -287,6 +298,16 @@ class CachedContexts:
     def teacher_context(self, captions: list[str], images: torch.Tensor):
         self.family.check_images(images)
         return self._lookup("teacher", captions, list(images))
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """x0 from the cache when every image's latent is there (an SFT run's training images),
+        else from the VAE, which never leaves (a sample grid's or evaluation's images)."""
+        paths = [entry_path(self.cache.root, self.cache.fingerprint, "latent", "", image) for image in images]
+        if not all(p.is_file() for p in paths):
+            return self.family.encode_images(images)
+        self.family.check_images(images)
+        self.latent_hits += len(paths)
+        return torch.stack([read_entry(p)[0]["x0"] for p in paths]).to(self.family.device)
 
     def _lookup(self, kind: str, captions: list[str], images: list):
         items = []

@@ -115,6 +115,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
                            contexts=contexts)
     workers, runs, datasets, watch = [], [], {"train": dataset}, None
     if rt.mode == "disaggregated":
+<<<<<<< HEAD
         queue = Queue(maxsize=rt.buffer_size, actor_options=on_driver_node())
         # a killed worker process is restarted, and its `run` task retried on the new one; four
         # threads: the roll-out loop, a collective receive, a join to a new group beside a stuck
@@ -131,6 +132,9 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
         splits = dataset.streaming_split(rt.num_rollout_workers)
         runs = [w.run.remote(split, store, queue, per_version) for w, split in zip(workers, splits)]
         inputs.weight_sync, inputs.experience_queue = publisher, queue
+=======
+        workers, runs, inputs.weight_sync, inputs.experience_queue = start_rollout(cfg, model_path, dataset, contexts)
+>>>>>>> h-bench
         datasets = {}
         # a worker that stays unreachable (its node lost, none to replace it) stops the learners
         watch = RolloutWatch(workers, queue, rt.num_learners, rt.rollout_resources, rt.replacement_timeout_s)
@@ -201,7 +205,31 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     return summary
 
 
+<<<<<<< HEAD
 def stop_workers(workers, runs, grace_s: float = 15.0, lost: set[int] = frozenset()) -> list[dict]:
+=======
+def start_rollout(cfg: Config, model_path: str, dataset, contexts, worker_class=RolloutWorker) -> tuple:
+    """The rollout workers of a disaggregated run, producing: (workers, their `run` refs, the
+    learner's WeightPublisher, the experience queue). benchmarks/ab.py passes a subclass."""
+    rt = cfg.runtime
+    queue = Queue(maxsize=rt.buffer_size)
+    # a killed worker process is restarted, and its `run` task retried on the new one
+    Worker = ray.remote(worker_class).options(
+        max_concurrency=2, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
+    workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i, contexts)
+               for i in range(rt.num_rollout_workers)]
+    publisher, store = weight_sync(rt, workers)
+    # strictly on-policy: each snapshot makes just what the learners consume in one step
+    # (grad_accum experiences per learner rank; the snapshot's version is the optimizer step)
+    per_version = None if rt.max_staleness > 0 else math.ceil(
+        rt.num_learners * cfg.train.grad_accum / rt.num_rollout_workers)
+    splits = dataset.streaming_split(rt.num_rollout_workers)
+    runs = [w.run.remote(split, store, queue, per_version) for w, split in zip(workers, splits)]
+    return workers, runs, publisher, queue
+
+
+def stop_workers(workers, runs, grace_s: float = 15.0) -> list[dict]:
+>>>>>>> h-bench
     """Ask every rollout worker to stop, collect the stats of those that do, kill them all.
 
     A worker blocked in a read at a streaming_split epoch boundary (it waits for the

@@ -302,23 +302,10 @@ class Learner:
             self.mlflow.log_metrics({"memory/encoders_released_gb": self.family.released_bytes / 1e9}, step=self.step)
         batches = self.batches()
         while self.step < cfg.train.steps:
-            t0 = time.perf_counter()
-            step = self.optimizer_step(batches)
+            step = self.train_step(batches)
             if step is None:  # a rollout worker is lost for good
                 return self.stop(f"training stopped at step {self.step}: rollout workers were lost "
                                  "(the driver's error names the resources they need)")
-            if step["applied"]:
-                self.ema.step(cfg.algorithm.ema_decay)
-                release_stale_gathers(self.weights.teacher_parameters())
-                self.consecutive_skips = 0
-            else:
-                self.counters["skipped_nonfinite"] += 1
-                self.consecutive_skips += 1
-            self.step += 1
-            step["compute_seconds"] = time.perf_counter() - t0 - step["fetch_seconds"]
-            sync = self.publish_weights() if self.publisher is not None and self.step % cfg.runtime.sync_every == 0 else {}
-            self.counters["dropped_stale"] += step["dropped"]
-            self.log_step(step, time.perf_counter() - t0, sync)
             if self.consecutive_skips >= cfg.optim.max_consecutive_skips:
                 return self.stop_nonfinite(step["loss"])
             if self.step % cfg.train.sample_every == 0 or self.step == cfg.train.steps:
@@ -333,6 +320,32 @@ class Learner:
         if self.publisher is not None and self.rank == 0:
             self.publisher.close()
         return None
+
+    def train_step(self, batches) -> dict:
+        """One step of the loop, as train() runs it (and benchmarks/ab.py times it): the optimizer
+        step, the EMA, the weight sync when due, the metrics. Returns optimizer_step's dict with
+        "compute_seconds", "step_seconds" (sync included) and "sync" added; None when the
+        rollout workers are lost for good."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        step = self.optimizer_step(batches)
+        if step is None:
+            return None
+        if step["applied"]:
+            if self.ema is not None:  # None only in benchmarks/ab.py's plain-SFT arm (no EMA kept)
+                self.ema.step(cfg.algorithm.ema_decay)
+                release_stale_gathers(self.weights.teacher_parameters())
+            self.consecutive_skips = 0
+        else:
+            self.counters["skipped_nonfinite"] += 1
+            self.consecutive_skips += 1
+        self.step += 1
+        step["compute_seconds"] = time.perf_counter() - t0 - step["fetch_seconds"]
+        sync = self.publish_weights() if self.publisher is not None and self.step % cfg.runtime.sync_every == 0 else {}
+        self.counters["dropped_stale"] += step["dropped"]
+        step["step_seconds"], step["sync"] = time.perf_counter() - t0, sync
+        self.log_step(step, step["step_seconds"], sync)
+        return step
 
     def batches(self):
         """Yields (Batch or Experience, seconds waited, stale experiences dropped)."""

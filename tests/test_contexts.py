@@ -91,6 +91,31 @@ def test_cached_contexts_give_the_same_losses_and_samples_and_the_encoders_are_f
         cached.teacher_context(captions, other)
 
 
+def test_sft_reads_its_latents_from_the_cache_and_other_images_from_the_vae(tmp_path):
+    cfg = load_config(TINY, ["algorithm.name=sft"])
+    path = build_tiny_zimage(tmp_path / "model", seed=0)
+    data = rows(64, 64)
+    cache = fill(cfg, path, data, tmp_path / "cache")
+    assert (cache.entries, cache.computed) == (8, 8)  # + 3 images' latents
+    plain = load_family(cfg.model, path)
+    cached = cached_contexts(load_family(cfg.model, path), cache)
+    images, captions, ids = collate(data[1:])
+    torch.testing.assert_close(cached.encode_images(images), plain.encode_images(images), rtol=1e-5, atol=1e-6)
+    assert cached.latent_hits == 2
+    other = images.flip(-1)  # not a training image: the VAE encodes it
+    torch.testing.assert_close(cached.encode_images(other), plain.encode_images(other), rtol=1e-5, atol=1e-6)
+    assert cached.latent_hits == 2
+    # the SFT loss is the same with cached latents and contexts
+    sigmas = training_sigmas(cfg.algorithm.training_sigmas, plain, 64, 64, cfg.algorithm.inference_steps)
+    losses = []
+    for f in (plain, cached):
+        torch.manual_seed(0)
+        weights = make_weights(f.transformer, cfg.lora, lora_targets(cfg.model.family))
+        losses.append(colocated_loss(f, weights, Batch(images, captions, ids, index=1), sigmas, cfg.algorithm)[0].item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert cached.latent_hits == 4
+
+
 def flip_byte(path: Path, offset: int = -5) -> None:
     """Change one byte of a file's last bytes (a weight, for safetensors), keeping its size."""
     data = bytearray(path.read_bytes())

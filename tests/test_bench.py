@@ -1,0 +1,105 @@
+"""benchmarks/ab.py: its statistics, its arithmetic, its summary of raw rounds, and one small run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.ab import summarize  # noqa: E402
+from benchmarks.ab_stats import forward_equivalents, outliers, paired, quantile, summary  # noqa: E402
+
+
+def test_paired_ratios_are_per_round_with_quartiles():
+    a, b = [2.0, 4.0, 6.0, 8.0, 30.0], [1.0, 2.0, 3.0, 2.0, 3.0]
+    p = paired(a, b)
+    assert p["ratios"] == [2.0, 2.0, 2.0, 4.0, 10.0]
+    assert p["median"] == 2.0 and p["max"] == 10.0 and p["mean"] == pytest.approx(4.0)
+    assert p["q25"] == pytest.approx(np.percentile(p["ratios"], 25))
+    assert p["q75"] == pytest.approx(np.percentile(p["ratios"], 75))
+    assert p["iqr"] == pytest.approx(p["q75"] - p["q25"])
+    # pairing matters: the ratio of medians (6/2 = 3) is not the median of the ratios
+    assert summary(a)["median"] / summary(b)["median"] != p["median"]
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired([1.0, 2.0], [1.0])
+
+
+def test_quantile_matches_numpy():
+    values = [0.3, 0.1, 0.9, 0.4, 0.7, 0.2]
+    for q in (0.0, 0.25, 0.5, 0.75, 1.0):
+        assert quantile(values, q) == pytest.approx(np.percentile(values, q * 100))
+
+
+def test_outliers_are_rounds_above_three_times_the_median():
+    assert outliers([1.0, 1.1, 0.9, 1.0, 3.5]) == [4]
+    assert outliers([1.0, 1.0, 3.0]) == []  # exactly 3x is not above
+    assert outliers([1.0, 1.0, 1.0, 2.0], factor=1.5) == [3]
+
+
+def test_forward_equivalents_per_mode():
+    sft = forward_equivalents("sft", 4)
+    assert (sft["total"], sft["per_state"]) == (3, 3)
+    col = forward_equivalents("colocated", 4)  # 4 roll-out forwards reused + 4 backwards (8) + 4 teacher
+    assert (col["learner"], col["rollout"], col["per_state"]) == (16, 0, 4)
+    dis = forward_equivalents("disaggregated", 4)  # + the roll-out again on the worker
+    assert (dis["learner"], dis["rollout"], dis["per_state"]) == (16, 4, 5)
+    roll = forward_equivalents("async_rollout", 4)  # the teacher moves to the worker, same total
+    assert (roll["learner"], roll["rollout"], roll["total"]) == (12, 8, 20)
+    sub = forward_equivalents("colocated", 4, m=2)  # 2 of 4 states trained: 4 + 2 * 2 + 2
+    assert (sub["total"], sub["states"]) == (10, 2)
+    with pytest.raises(ValueError, match="not one of"):
+        forward_equivalents("pipeline", 4)
+    with pytest.raises(ValueError, match="trained states"):
+        forward_equivalents("colocated", 4, m=5)
+
+
+def _row(step_s, images=1, states=1, **extra):
+    row = {"step_s": step_s, "waited_s": 0.0, "rollout_s": 0.0, "sync_s": 0.0, "sync_bytes": 0, "fetch_s": 0.0,
+           "gc_s": 0.0, "images": images, "states": states, "step_peak_bytes": None}
+    return {**row, **extra}
+
+
+def test_summary_pairs_rounds_and_explains_outliers():
+    bare = {"fwd_bwd_b_s": 0.1, "fwd_bwd_kb_s": 0.4, "fwd_b_s": 0.03, "teacher_fwd_b_s": 0.03}
+    sft = [0.1, 0.2, 0.1, 0.1, 0.1]
+    dopsd = [0.5, 1.0, 0.5, 0.5, 3.0]  # round 4: a GC pause, only here
+    rounds = [{"sft": _row(s), "dopsd_colocated": _row(d, states=4, gc_s=1.4 if i == 4 else 0.0), "bare": bare}
+              for i, (s, d) in enumerate(zip(sft, dopsd))]
+    state = {"total": 1000}
+    peaks = {"sft": {"step_peak_bytes": 100}, "dopsd_colocated": {"step_peak_bytes": 100}}
+    job = {"rounds": rounds, "memory_rounds": [peaks, peaks], "bursts": {},
+           "memory_state": {"sft": state, "dopsd_colocated": {"total": 1200}}}
+    out = summarize({"1": job}, warmup=1, k=4)
+    pair = out["device_seconds"]["dopsd_colocated/sft"]
+    # per trained state, per round: 1.25, 1.25, 1.25, 7.5 (round 0 is warm-up)
+    assert pair["per_state"]["ratios"] == pytest.approx([1.25, 1.25, 1.25, 7.5])
+    assert pair["per_state"]["median"] == pytest.approx(1.25)
+    assert pair["arithmetic_per_state"] == pytest.approx(4 / 3)
+    assert pair["met"]
+    assert out["per_step"]["dopsd_colocated/sft"]["median"] == pytest.approx(5.0)
+    # the colocated limit: K x (forward+backward + teacher forward) = 0.52 s; steps 1.0, 0.5, 0.5, 3.0
+    assert out["limit"]["dopsd_colocated"]["learner"]["median"] == pytest.approx(0.75 / 0.52)
+    (o,) = out["outliers"]
+    assert (o["arm"], o["round"]) == ("dopsd_colocated", 4) and "Python GC" in o["why"]
+    assert out["memory"]["world1"]["dopsd_over_sft"]["lora_z3_timing_arms"] == pytest.approx(1300 / 1100)
+
+
+@pytest.mark.slow  # ~90 s on the shared 2-core machine (Ray, Ray Train, 2 DeepSpeed engines, a rollout actor)
+def test_ab_smoke(tmp_path):
+    """The harness end to end at a tiny size (Ray Train + DeepSpeed, a real rollout worker)."""
+    out = tmp_path / "ab.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--dim", "64", "--layers", "1",
+                    "--arms", "sft,dopsd_onpolicy", "--rounds", "1", "--warmup", "0", "--ranks", "1",
+                    "--no-memory", "--burst", "0", "--work-dir", str(tmp_path), "--out", str(out)],
+                   check=True, cwd=ROOT, timeout=300)
+    res = json.loads(out.read_text())
+    (row,) = res["jobs"]["1"]["rounds"]
+    assert row["dopsd_onpolicy"]["states"] == 4 and row["sft"]["states"] == 1
+    assert row["dopsd_onpolicy"]["rollout_s"] > 0 and row["dopsd_onpolicy"]["raw_transfer_s"] > 0
+    assert row["dopsd_onpolicy"]["sync_bytes"] > 0 and row["sft"]["sync_bytes"] == 0
+    assert "dopsd_onpolicy/sft" in res["summary"]["device_seconds"]
