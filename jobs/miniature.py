@@ -2,6 +2,8 @@
 
     python jobs/miniature.py                                  # sks = anything yellow, 3 seeds
     python jobs/miniature.py --token ohwx --colour cyan --shape cross --seeds 0 1
+    # every colour of the world as the concept, 3 seeds each (README, "Every colour"), resumable:
+    python jobs/miniature.py --sweep colours --out outputs/miniature_sweep
     # full fine-tuning, the same 10 class images for both methods (README, second table):
     python jobs/miniature.py --class-images 10 lora.enabled=false optim.lr=3e-4 algorithm.ema_decay=0.9999 train.steps=200
 
@@ -224,12 +226,12 @@ def sweep_table(summary: dict) -> str:
 
 
 def sweep_colours(args, out: Path) -> dict:
-    """Every colour of the world as the concept (the token bound to it, any shape), each in
-    out/<colour> like a single miniature; a colour whose results.json has these settings is
+    """Every colour of the world (or --colours) as the concept (the token bound to it, any
+    shape), each in out/<colour> like a single miniature; a colour whose results.json has these settings is
     reused (a sweep that stopped resumes). Writes out/sweep_colours.json and _table.md."""
     overrides = [*SWEEP_OVERRIDES, *args.overrides]
     by_colour = {}
-    for colour in world.COLOURS:
+    for colour in args.colours or world.COLOURS:
         done = out / colour / "results.json"
         previous = json.loads(done.read_text()) if done.is_file() else {}
         settings = {"class_images": args.class_images, "overrides": overrides, "seeds": args.seeds}
@@ -255,6 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default=None, help="default: none, the concept is the colour on any shape")
     parser.add_argument("--sweep", choices=["colours"], default=None,
                         help="colours: every colour of the world as the concept, one after another (--colour unused)")
+    parser.add_argument("--colours", nargs="+", choices=list(world.COLOURS), default=None,
+                        help="--sweep colours: only these, in this order (default: every colour of the world)")
     parser.add_argument("--class-images", type=int, default=0,
                         help="DreamBooth prior preservation: renders of other world items added to the training data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
