@@ -2,6 +2,7 @@
 jobs/build_toy_base.py and jobs/miniature.py (jobs/train.py: tests/test_job_submit.py and
 tests/test_config.py; jobs/prepare_data.py: tests/test_data.py)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -193,3 +194,69 @@ def test_miniature_trains_and_scores_one_method(tmp_path):
     assert (out / "runs" / "dopsd-seed0" / "export").is_dir()
     assert Image.open(out / "samples.png").width > 0
     assert not (out / "table.md").exists()  # the table compares both methods
+
+
+# -- jobs/miniature.py --sweep colours: its summary and table, in-process ----------------------
+
+def load_miniature():
+    spec = importlib.util.spec_from_file_location("miniature_job", ROOT / "jobs" / "miniature.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def concept_results(seeds, base_prior, dopsd_prior, sft_concept=(1.0, 1.0, 1.0), overrides=()):
+    """One colour's miniature results.json as run_concept writes it (base quality 0.8)."""
+    def method(concept, quality, prior):
+        return {m: {"mean": sum(v) / len(v), "std": 0.0, "runs": list(v)}
+                for m, v in (("concept", concept), ("quality", quality), ("confidence", (0.9,) * 3), ("prior", prior))}
+    return {"class_images": 0, "overrides": list(overrides), "seeds": list(seeds),
+            "base": {"concept": 0.0, "quality": 0.8, "confidence": 0.9, "prior": base_prior},
+            "teacher": {"concept": 1.0, "quality": 0.8},
+            "sft": method(sft_concept, (0.8, 0.76, 0.8), (base_prior,) * 3),
+            "dopsd": method((1.0, 1.0, 1.0), (0.8, 0.8, 0.72), dopsd_prior)}
+
+
+def test_miniature_sweep_summarises_every_colour_and_names_the_misses(tmp_path, capsys):
+    """--sweep colours with every colour's results already on disk (the same settings): it trains
+    nothing, reuses them, and reports per colour the mean and worst seed, x base, and the misses."""
+    miniature = load_miniature()
+    colours = list(miniature.world.COLOURS)
+    out = tmp_path / "sweep"
+    seeds = [0, 1, 5]
+    for i, colour in enumerate(colours):
+        leak = colour == "magenta"  # one colour's D-OPSD prior falls on its second seed
+        results = concept_results(seeds, base_prior=1.0, dopsd_prior=(1.0, 0.5 if leak else 1.0, 0.97),
+                                  sft_concept=(1.0, 0.7, 0.8) if colour == "cyan" else (1.0, 1.0, 1.0),
+                                  overrides=[*miniature.SWEEP_OVERRIDES, "train.steps=3"])
+        (out / colour).mkdir(parents=True)
+        (out / colour / "results.json").write_text(json.dumps(results))
+    assert miniature.main(["--sweep", "colours", "--seeds", *map(str, seeds), "--out", str(out), "--threads", "1",
+                           "train.steps=3"]) == 0
+    assert capsys.readouterr().out.count("reusing") == len(colours)
+
+    summary = json.loads((out / "sweep_colours.json").read_text())
+    assert list(summary["concepts"]) == colours
+    magenta = summary["concepts"]["magenta"]["dopsd"]
+    assert magenta["prior_x"]["worst"] == 0.5 and magenta["prior_x"]["worst_seed"] == 1
+    assert magenta["prior_x"]["mean"] == pytest.approx((1.0 + 0.5 + 0.97) / 3)
+    assert magenta["quality_x"]["worst"] == pytest.approx(0.9) and magenta["quality_x"]["worst_seed"] == 5
+    dopsd = summary["overall"]["dopsd"]
+    assert dopsd["prior_x"]["worst_concept"] == "magenta"
+    assert dopsd["prior_x"]["worst_run"] == {"concept": "magenta", "seed": 1, "value": 0.5}
+    assert dopsd["prior_x"]["mean"] == pytest.approx((5 * 0.99 + (2.47 / 3)) / 6)
+    assert summary["overall"]["sft"]["concept"]["worst_concept"] == "cyan"
+    assert summary["misses"] == ["magenta D-OPSD: prior_x 0.823 < 0.95", "cyan SFT: concept 0.833 < 0.9"]
+
+    table = (out / "sweep_colours_table.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| magenta |"))
+    assert "0.82x (0.50x s1)" in row and row.count("|") == 9  # concept, base prior, 3 columns per method
+    assert "Misses: " in table and "magenta D-OPSD" in table
+
+    # results of other settings (here: without train.steps=3) are not reused: red is run again,
+    # which here stops at the missing base, after its concept data is written
+    (out / "red" / "results.json").write_text(json.dumps(concept_results(seeds, 1.0, (1.0,) * 3)))
+    with pytest.raises(FileNotFoundError, match="evaluator.safetensors"):
+        miniature.main(["--sweep", "colours", "--seeds", *map(str, seeds), "--out", str(out), "--threads", "1",
+                        "--base", str(tmp_path / "no_base"), "train.steps=3"])
+    assert (out / "red" / "data" / "concept.json").is_file() and not (out / "green" / "data").exists()
