@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_model import build_bench_zimage, count_parameters  # noqa: E402
+from benchmarks.bench_model import build_bench_zimage, count_parameters, init_ray  # noqa: E402
 from dopsd_ray.algorithms.schedules import RECIPE_4STEP  # noqa: E402
 from dopsd_ray.algorithms.steps import Batch, colocated_loss, experience_loss, make_experience  # noqa: E402
 from dopsd_ray.config import AlgorithmConfig, LoraSettings  # noqa: E402
@@ -223,8 +223,8 @@ def driver_runs(args, model_path: Path, modes: list[str]) -> dict:
     from dopsd_ray.config import load_config
     from dopsd_ray.driver import train
 
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):  # else train() joins the cluster's Ray
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        init_ray()  # a local Ray (num_cpus=max(4, cores)), or the cluster's under RAY_ADDRESS
     out = {}
     for mode in modes:
         for algo in ("sft", "dopsd"):

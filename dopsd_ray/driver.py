@@ -13,10 +13,13 @@ Faults (README "Faults and what happens"): a bad config or a recipe the cluster 
 place fails in preflight, before Ray starts; rollout workers are restartable actors whose
 `run` task is retried on the new process (it re-fetches the latest snapshot); the
 learner group restarts from the last checkpoint up to runtime.max_failures times; a run
-that fails ends its MLflow run as FAILED.
+that fails ends its MLflow run as FAILED. SIGTERM / SIGINT (`ray job stop`, Ctrl-C) stop it
+cleanly (stop.py): the learners checkpoint the current step and return, the workers stop,
+the MLflow run ends KILLED and RunStopped is raised; re-running the same train.run_name resumes.
 """
 
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,11 +35,13 @@ from .contexts import fill_context_cache
 from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .evaluation_job import evaluate_run
 from .families import base_model_path
+from .jobenv import in_ray_job, init_ray, output_dir
 from .learner import LearnerInputs, train_loop_per_worker
 from .preview import validation_set
 from .preflight import check_resources, preflight
 from .progress import ProgressPrinter
 from .rollout import RolloutWorker
+from .stop import STOP_WAIT_ENV, RunStopped, StopFlag, StopSignals, fit, stop_wait_note
 from .sync.collective import CollectivePublisher
 from .sync.object_store import StorePublisher, WeightStore
 from .tracking import MlflowRun, tracking_uri
@@ -58,26 +63,34 @@ def weight_sync(rt: RuntimeConfig, workers: list) -> tuple:
 
 
 def train(cfg: Config) -> dict:
+    relative = not Path(cfg.train.output_dir).expanduser().is_absolute()
+    cfg.train.output_dir = str(output_dir(cfg.train.output_dir))  # workers may run elsewhere
+    if relative and in_ray_job():
+        print(f"train.output_dir is relative, and Ray deletes a job's working dir: outputs go to "
+              f"{cfg.train.output_dir} on this node (set an absolute train.output_dir on shared storage "
+              "to choose)", flush=True)
     preflight(cfg)  # paths, and resources when Ray would start here: fails before any Ray work
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())  # workers may run elsewhere
     if not ray.is_initialized():
-        ray.init()  # a local Ray, or the cluster named by RAY_ADDRESS (ray job submit)
+        init_ray()  # a local Ray, or the cluster named by RAY_ADDRESS (ray job submit)
     check_resources(cfg)  # against the cluster itself, before any actor or trainer starts
     model_path = base_model_path(cfg)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    mlflow = MlflowRun.start_or_resume(cfg)
-    try:
-        summary = run_pipeline(cfg, run_dir, model_path, mlflow)
-    except BaseException:
-        mlflow.end("FAILED")
-        raise
+    if in_ray_job() and not os.environ.get(STOP_WAIT_ENV):
+        print(stop_wait_note(), flush=True)
+    with StopSignals() as signals:  # from here on, SIGTERM / SIGINT stop the run with a checkpoint
+        mlflow = MlflowRun.start_or_resume(cfg)
+        try:
+            summary = run_pipeline(cfg, run_dir, model_path, mlflow, signals)
+        except BaseException:
+            mlflow.end("KILLED" if signals.signum else "FAILED")
+            raise
     mlflow.end("FINISHED")
     return summary
 
 
-def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun) -> dict:
+def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun, signals: StopSignals) -> dict:
     """Data -> rollout workers -> learner -> export, inside the MLflow run `mlflow`."""
     mlflow.log_artifact(str(run_dir / "config.yaml"))
 
@@ -125,8 +138,10 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
         inputs.weight_sync, inputs.experience_queue = publisher, queue
         datasets = {}
 
-    # 3. learner (rank 0 reports every step's progress into a queue the driver draws from)
+    # 3. learner (rank 0 reports every step's progress into a queue the driver draws from,
+    #    and asks the stop flag before every step)
     inputs.progress = Queue()
+    inputs.stop = ray.remote(StopFlag).options(num_cpus=0).remote()
     use_gpu = rt.learner_resources.get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -145,17 +160,22 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     printer.start()
     start = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = fit(trainer, signals, inputs.stop)  # returns early, with a checkpoint, on SIGTERM / SIGINT
     finally:
         printer.stop()
         inputs.progress.shutdown()
         worker_stats = stop_workers(workers, runs)
+        ray.kill(inputs.stop)
     seconds = time.perf_counter() - start
-    learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped"}
+    learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped", "interrupted"}
+    last = result.checkpoint.path if result.checkpoint else None
     if learner.get("stopped"):  # the learners gave up cleanly (non-finite steps), not a crash
-        last = result.checkpoint.path if result.checkpoint else None
         raise FloatingPointError(f"{learner['stopped']} Last checkpoint: "
                                  f"{last or 'none yet (no good step reached train.checkpoint_every)'}")
+    if signals.signum:  # the learners stopped early (or had just finished): no evaluation
+        mlflow.set_tag("dopsd.stopped_by", signals.name)
+        raise RunStopped(f"stopped by {signals.name} at step {learner.get('step')}; last checkpoint: {last}. "
+                         f"Re-run with train.run_name={cfg.train.run_name} to resume from it.", signals.signum)
     summary = {
         "run_dir": str(run_dir),
         "export": str(run_dir / "export"),  # the last export; intermediate ones in export/step_NNNNNN

@@ -1,8 +1,10 @@
-"""`ray job submit` against a real local Ray head with token authentication.
+"""`ray job submit` against a real local Ray head with token authentication: jobs, two at
+once, a clean stop (SIGINT to jobs/train.py, `ray job stop`), and a local Ray beside the head.
 
-Starts `ray start --head --block` in its own process group, with its own --temp-dir,
-free ports and a token file of its own (RAY_AUTH_TOKEN_PATH), so it neither touches
-~/.ray/auth_token nor collides with the Ray instances other tests start with ray.init().
+Starts `ray start --head --block` in its own process group, with its own temp dir (RAY_TMPDIR,
+so its record of the last `ray start` is its own, not /tmp/ray's), its own HOME (where jobs put
+a relative train.output_dir), free ports and a token file of its own (RAY_AUTH_TOKEN_PATH), so
+it neither touches ~/.ray/auth_token nor collides with the Ray instances other tests start.
 Teardown stops only this head: it signals the process group it started and then any
 process left whose command line or working directory lies under its temp dir (the job
 driver runs in its own session, in the unpacked working dir). `ray stop` is not used:
@@ -49,11 +51,14 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _client_env(token_path: Path) -> dict:
-    """The environment of the head and of every client: token mode, our token file only."""
+def _client_env(root: Path) -> dict:
+    """The environment of the head and of every client: token mode, our token file only, the
+    head's temp root (RAY_TMPDIR) and home."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env["RAY_AUTH_MODE"] = "token"
-    env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    env["RAY_AUTH_TOKEN_PATH"] = str(root / "auth_token")
+    env["RAY_TMPDIR"] = str(root)  # Ray's temp dir is root/ray; `ray start` records itself there
+    env["HOME"] = str(root / "home")
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -101,16 +106,18 @@ def _head_log(log_path: Path) -> str:
 @pytest.fixture(scope="module")
 def ray_head():
     # A short path: Ray's unix sockets live under the temp dir (108-byte limit).
-    temp_dir = tempfile.mkdtemp(prefix="dopsd-ray-head-", dir="/tmp")
-    token_path = Path(temp_dir) / "auth_token"
+    root = Path(tempfile.mkdtemp(prefix="dopsd-ray-head-", dir="/tmp"))
+    temp_dir = str(root / "ray")
+    (root / "home").mkdir()
+    token_path = root / "auth_token"
     token = uuid.uuid4().hex + uuid.uuid4().hex  # 256 bits, like `ray get-auth-token --generate`
     token_path.write_text(token)
     token_path.chmod(0o600)
-    env = _client_env(token_path)
+    env = _client_env(root)
 
     (gcs_port, dashboard_port, client_port, agent_port, agent_grpc_port, runtime_env_port, metrics_port,
      node_manager_port, object_manager_port) = _free_ports(9)
-    log_path = Path(temp_dir) / "ray_start.log"
+    log_path = root / "ray_start.log"
     cmd = [
         RAY, "start", "--head", "--block",
         f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
@@ -119,7 +126,7 @@ def ray_head():
         f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc_port}",
         f"--runtime-env-agent-port={runtime_env_port}", f"--metrics-export-port={metrics_port}",
         f"--node-manager-port={node_manager_port}", f"--object-manager-port={object_manager_port}",
-        "--num-cpus=3", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        "--num-cpus=6", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]
     with open(log_path, "w") as log:
         head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -140,7 +147,8 @@ def ray_head():
                             f"(last status {status}):\n{_head_log(log_path)}")
             time.sleep(1)
         print(f"\nray head up in {time.monotonic() - deadline + HEAD_START_TIMEOUT_S:.0f}s at {address}")
-        yield {"address": address, "env": env, "token": token, "temp_dir": temp_dir}
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs_port}", "env": env, "token": token, "root": root,
+               "temp_dir": temp_dir}
     finally:
         # `ray start --block` stops its children (GCS, raylet, dashboard, ...) on SIGTERM.
         if head.poll() is None:
@@ -156,14 +164,14 @@ def ray_head():
         head.wait()
         # Anything left of this head only: the job driver (own session, cwd in the unpacked
         # working dir) and any worker started with this temp dir's session arguments.
-        leftovers = _processes_under(temp_dir)
+        leftovers = _processes_under(str(root))
         _kill(leftovers, signal.SIGTERM)
         deadline = time.monotonic() + 10
         while leftovers and time.monotonic() < deadline:
             time.sleep(0.5)
-            leftovers = _processes_under(temp_dir)
+            leftovers = _processes_under(str(root))
         _kill(leftovers, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _ray(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
