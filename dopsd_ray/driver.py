@@ -172,9 +172,10 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
     if learner.get("stopped"):  # the learners gave up cleanly (non-finite steps), not a crash
         raise FloatingPointError(f"{learner['stopped']} Last checkpoint: "
                                  f"{last or 'none yet (no good step reached train.checkpoint_every)'}")
-    if signals.signum:  # the learners stopped early (or had just finished): no evaluation
+    if signals.signum:  # the learners stopped early, or had just finished: no evaluation
         mlflow.set_tag("dopsd.stopped_by", signals.name)
-        raise RunStopped(f"stopped by {signals.name} at step {learner.get('step')}; last checkpoint: {last}. "
+        when = "at step" if learner.get("interrupted") else "after the last step,"
+        raise RunStopped(f"stopped by {signals.name} {when} {learner.get('step')}; last checkpoint: {last}. "
                          f"Re-run with train.run_name={cfg.train.run_name} to resume from it.", signals.signum)
     summary = {
         "run_dir": str(run_dir),

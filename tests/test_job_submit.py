@@ -250,7 +250,7 @@ def _stopped_run(run_dir: Path, step: int, signal_name: str, text: str) -> str:
 
     from dopsd_ray.checkpoint import STATE_FILE, check_checkpoint, checkpoint_dir_name
 
-    checkpoints = sorted((run_dir / "ray_train" / run_dir.name).glob("checkpoint_*"))
+    checkpoints = sorted(p for p in (run_dir / "ray_train" / run_dir.name).glob("checkpoint_*") if p.is_dir())
     assert checkpoints and checkpoints[-1].name == checkpoint_dir_name(step), (checkpoints, text[-4000:])
     assert check_checkpoint(checkpoints[-1]) is None
     assert json.loads((checkpoints[-1] / STATE_FILE).read_text())["step"] == step
