@@ -188,9 +188,9 @@ def test_unauthenticated_dashboard_request_is_rejected(ray_head):
 
 
 TINY = ["--config", "configs/tiny.yaml", "train.sample_every=1000", "train.checkpoint_every=1000"]
-# created once per cluster and kept by design (Ray Train's run-state actor, Ray Data's stats actor):
-# not a run's strays
-CLUSTER_SINGLETONS = {"TrainStateActor", "_StatsActor"}
+# created once per cluster (named, detached, get_if_exists) and kept by design: Ray Train's run-state
+# actor, Ray Data's stats actor and autoscaling coordinator. Not a run's strays.
+CLUSTER_SINGLETONS = {"TrainStateActor", "_StatsActor", "_AutoscalingCoordinatorActor"}
 
 
 def _api(ray_head, path: str):
