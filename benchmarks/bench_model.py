@@ -73,12 +73,13 @@ def count_parameters(module: torch.nn.Module) -> int:
 def init_ray(log_to_driver: bool = False, **kwargs) -> None:
     """The cluster's Ray under `ray job submit` (RAY_ADDRESS set), else a local Ray with
     room for the benchmark's actors on a small machine."""
-    import ray
+    from dopsd_ray.jobenv import init_ray as ray_init, wants_local_ray
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=log_to_driver, **kwargs)
+    if not wants_local_ray():
+        ray_init(log_to_driver=log_to_driver, **kwargs)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=log_to_driver, **kwargs)
+        ray_init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=log_to_driver, **kwargs)
 
 
 def write_result(result: dict, out: str | None, name: str) -> Path:

@@ -17,9 +17,13 @@ that fails ends its MLflow run as FAILED. On a cluster (dopsd_ray/nodes.py) the 
 and the WeightStore live on the driver's node, so a lost worker node takes none of them;
 a rollout worker that does not come back within runtime.replacement_timeout_s after
 losing its node fails the run with an error naming the resources no node has.
+SIGTERM / SIGINT (`ray job stop`, Ctrl-C) stop it cleanly (stop.py): the learners
+checkpoint the current step and return, the workers stop, the MLflow run ends KILLED and
+RunStopped is raised; re-running the same train.run_name resumes.
 """
 
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,12 +39,14 @@ from .contexts import fill_context_cache
 from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .evaluation_job import evaluate_run
 from .families import base_model_path
+from .jobenv import in_ray_job, init_ray, output_dir
 from .learner import LearnerInputs, train_loop_per_worker
 from .nodes import RolloutWatch, RolloutWorkersLost, on_driver_node
 from .preview import validation_set
 from .preflight import check_resources, preflight
 from .progress import ProgressPrinter
 from .rollout import RolloutWorker
+from .stop import STOP_WAIT_ENV, RunStopped, StopFlag, StopSignals, fit, stop_wait_note
 from .sync.collective import CollectivePublisher
 from .sync.object_store import StorePublisher, WeightStore
 from .tracking import MlflowRun, tracking_uri
@@ -64,26 +70,34 @@ def weight_sync(rt: RuntimeConfig, workers: list) -> tuple:
 
 
 def train(cfg: Config) -> dict:
+    relative = not Path(cfg.train.output_dir).expanduser().is_absolute()
+    cfg.train.output_dir = str(output_dir(cfg.train.output_dir))  # workers may run elsewhere
+    if relative and in_ray_job():
+        print(f"train.output_dir is relative, and Ray deletes a job's working dir: outputs go to "
+              f"{cfg.train.output_dir} on this node (set an absolute train.output_dir on shared storage "
+              "to choose)", flush=True)
     preflight(cfg)  # paths, and resources when Ray would start here: fails before any Ray work
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())  # workers may run elsewhere
     if not ray.is_initialized():
-        ray.init()  # a local Ray, or the cluster named by RAY_ADDRESS (ray job submit)
+        init_ray()  # a local Ray, or the cluster named by RAY_ADDRESS (ray job submit)
     check_resources(cfg)  # against the cluster itself, before any actor or trainer starts
     model_path = base_model_path(cfg)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    mlflow = MlflowRun.start_or_resume(cfg)
-    try:
-        summary = run_pipeline(cfg, run_dir, model_path, mlflow)
-    except BaseException:
-        mlflow.end("FAILED")
-        raise
+    if in_ray_job() and not os.environ.get(STOP_WAIT_ENV):
+        print(stop_wait_note(), flush=True)
+    with StopSignals() as signals:  # from here on, SIGTERM / SIGINT stop the run with a checkpoint
+        mlflow = MlflowRun.start_or_resume(cfg)
+        try:
+            summary = run_pipeline(cfg, run_dir, model_path, mlflow, signals)
+        except BaseException:
+            mlflow.end("KILLED" if signals.signum else "FAILED")
+            raise
     mlflow.end("FINISHED")
     return summary
 
 
-def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun) -> dict:
+def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun, signals: StopSignals) -> dict:
     """Data -> rollout workers -> learner -> export, inside the MLflow run `mlflow`."""
     mlflow.log_artifact(str(run_dir / "config.yaml"))
 
@@ -115,33 +129,17 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
                            contexts=contexts)
     workers, runs, datasets, watch = [], [], {"train": dataset}, None
     if rt.mode == "disaggregated":
-<<<<<<< HEAD
-        queue = Queue(maxsize=rt.buffer_size, actor_options=on_driver_node())
-        # a killed worker process is restarted, and its `run` task retried on the new one; four
-        # threads: the roll-out loop, a collective receive, a join to a new group beside a stuck
-        # receive, RolloutWatch's pings
-        Worker = ray.remote(RolloutWorker).options(
-            max_concurrency=4, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
-        workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i, contexts)
-                   for i in range(rt.num_rollout_workers)]
-        publisher, store = weight_sync(rt, workers)
-        # strictly on-policy: each snapshot makes just what the learners consume in one step
-        # (grad_accum experiences per learner rank; the snapshot's version is the optimizer step)
-        per_version = None if rt.max_staleness > 0 else math.ceil(
-            rt.num_learners * cfg.train.grad_accum / rt.num_rollout_workers)
-        splits = dataset.streaming_split(rt.num_rollout_workers)
-        runs = [w.run.remote(split, store, queue, per_version) for w, split in zip(workers, splits)]
-        inputs.weight_sync, inputs.experience_queue = publisher, queue
-=======
-        workers, runs, inputs.weight_sync, inputs.experience_queue = start_rollout(cfg, model_path, dataset, contexts)
->>>>>>> h-bench
+        workers, runs, inputs.weight_sync, queue = start_rollout(cfg, model_path, dataset, contexts)
+        inputs.experience_queue = queue
         datasets = {}
         # a worker that stays unreachable (its node lost, none to replace it) stops the learners
         watch = RolloutWatch(workers, queue, rt.num_learners, rt.rollout_resources, rt.replacement_timeout_s)
         watch.start()
 
-    # 3. learner (rank 0 reports every step's progress into a queue the driver draws from)
+    # 3. learner (rank 0 reports every step's progress into a queue the driver draws from,
+    #    and asks the stop flag before every step)
     inputs.progress = Queue(actor_options=on_driver_node())
+    inputs.stop = ray.remote(StopFlag).options(**on_driver_node()).remote()
     use_gpu = rt.learner_resources.get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -160,7 +158,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     printer.start()
     start = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = fit(trainer, signals, inputs.stop)  # returns early, with a checkpoint, on SIGTERM / SIGINT
     finally:
         printer.stop()
         inputs.progress.shutdown()
@@ -168,14 +166,20 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
             watch.stop()
         lost = watch.lost_workers if watch is not None else set()
         worker_stats = stop_workers(workers, runs, lost=lost)
+        ray.kill(inputs.stop)
     seconds = time.perf_counter() - start
-    learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped", "node_id"}
+    learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped", "interrupted", "node_id"}
     if watch is not None and watch.lost:
         raise RolloutWorkersLost(watch.lost)
+    last = result.checkpoint.path if result.checkpoint else None
     if learner.get("stopped"):  # the learners gave up cleanly (non-finite steps), not a crash
-        last = result.checkpoint.path if result.checkpoint else None
         raise FloatingPointError(f"{learner['stopped']} Last checkpoint: "
                                  f"{last or 'none yet (no good step reached train.checkpoint_every)'}")
+    if signals.signum:  # the learners stopped early, or had just finished: no evaluation
+        mlflow.set_tag("dopsd.stopped_by", signals.name)
+        when = "at step" if learner.get("interrupted") else "after the last step,"
+        raise RunStopped(f"stopped by {signals.name} {when} {learner.get('step')}; last checkpoint: {last}. "
+                         f"Re-run with train.run_name={cfg.train.run_name} to resume from it.", signals.signum)
     summary = {
         "run_dir": str(run_dir),
         "export": str(run_dir / "export"),  # the last export; intermediate ones in export/step_NNNNNN
@@ -205,17 +209,16 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun)
     return summary
 
 
-<<<<<<< HEAD
-def stop_workers(workers, runs, grace_s: float = 15.0, lost: set[int] = frozenset()) -> list[dict]:
-=======
 def start_rollout(cfg: Config, model_path: str, dataset, contexts, worker_class=RolloutWorker) -> tuple:
     """The rollout workers of a disaggregated run, producing: (workers, their `run` refs, the
     learner's WeightPublisher, the experience queue). benchmarks/ab.py passes a subclass."""
     rt = cfg.runtime
-    queue = Queue(maxsize=rt.buffer_size)
-    # a killed worker process is restarted, and its `run` task retried on the new one
+    queue = Queue(maxsize=rt.buffer_size, actor_options=on_driver_node())
+    # a killed worker process is restarted, and its `run` task retried on the new one; four
+    # threads: the roll-out loop, a collective receive, a join to a new group beside a stuck
+    # receive, RolloutWatch's pings
     Worker = ray.remote(worker_class).options(
-        max_concurrency=2, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
+        max_concurrency=4, max_restarts=-1, max_task_retries=-1, **placement(rt.rollout_resources))
     workers = [Worker.remote(cfg.model_dump(mode="json"), model_path, i, contexts)
                for i in range(rt.num_rollout_workers)]
     publisher, store = weight_sync(rt, workers)
@@ -228,8 +231,7 @@ def start_rollout(cfg: Config, model_path: str, dataset, contexts, worker_class=
     return workers, runs, publisher, queue
 
 
-def stop_workers(workers, runs, grace_s: float = 15.0) -> list[dict]:
->>>>>>> h-bench
+def stop_workers(workers, runs, grace_s: float = 15.0, lost: set[int] = frozenset()) -> list[dict]:
     """Ask every rollout worker to stop, collect the stats of those that do, kill them all.
 
     A worker blocked in a read at a streaming_split epoch boundary (it waits for the

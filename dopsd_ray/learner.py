@@ -26,6 +26,9 @@ Faults (README "Faults and what happens"):
   no snapshot of a dead learner shares a (version, generation) with a live one's);
   experiences made with another generation's snapshots are dropped and counted with the
   stale ones, whatever their version.
+- SIGTERM / SIGINT to the driver (stop.py): learner rank 0 reads the driver's stop flag
+  before every step and tells the other ranks; every rank checkpoints the current step
+  (unless the last checkpoint is that step, or it is step 0: the base) and returns.
 - a restarted rollout worker announces itself with a RolloutRestart in the experience
   queue: counted in `count/rollout_restarts`.
 - a rollout worker lost for good (its node gone, none to replace it: nodes.RolloutWatch)
@@ -87,18 +90,20 @@ class LearnerInputs:
     experience_queue: Any = None  # disaggregated: the ray.util.queue.Queue rollout workers fill
     contexts: ContextCache | None = None  # data.cache_contexts: the filled cache
     progress: Any = None  # the ray.util.queue.Queue the driver draws its progress bar from (rank 0 puts)
+    stop: Any = None  # the driver's stop.StopFlag actor: rank 0 reads it before every step
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Rank 0's return value reaches the driver as Result.return_value: step, counters, the
-    node it ran on, and "stopped" (a message) when the learners gave up (non-finite steps, or
-    rollout workers lost)."""
+    node it ran on, "stopped" (a message) when the learners gave up (non-finite steps, or
+    rollout workers lost), and "interrupted" when they stopped early because the driver
+    asked them to (a signal)."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     learner = Learner(loop_config["inputs"])
     learner.setup()
     stopped = learner.train()
     return {"step": learner.step, "counters": dict(learner.counters), "stopped": stopped,
-            "node_id": ray.get_runtime_context().get_node_id()}
+            "interrupted": learner.interrupted, "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -208,6 +213,9 @@ class Learner:
         self.publisher: WeightPublisher | None = inputs.weight_sync  # disaggregated (driver.weight_sync)
         self.queue = inputs.experience_queue  # disaggregated: where experiences come from
         self.progress = inputs.progress
+        self.stop_flag = inputs.stop
+        self.interrupted = False  # stopped early on the driver's request
+        self.checkpointed_step: int | None = None  # the step of the last checkpoint, written or resumed
         self.validation = inputs.validation
         self.base_images: torch.Tensor | None = None  # rank 0: the grids' base row (uint8), once known
         self.tracking = inputs.tracking
@@ -264,7 +272,7 @@ class Learner:
             state.restore_optimizer(self.optimizer)
             state.restore_ema(self.ema)
             self.step, self.counters = state.step, {**self.counters, **state.counters}
-            self.resumed_from = state.step
+            self.resumed_from = self.checkpointed_step = state.step
         self.generation = self.ranks.from_rank0(time.time_ns())  # rank 0's clock: unique per learner process
         self.mlflow = MlflowRun.attach(*self.tracking) if self.rank == 0 and self.tracking else None
         self.data = ray.train.get_dataset_shard("train") if self.queue is None else None
@@ -302,6 +310,8 @@ class Learner:
             self.mlflow.log_metrics({"memory/encoders_released_gb": self.family.released_bytes / 1e9}, step=self.step)
         batches = self.batches()
         while self.step < cfg.train.steps:
+            if self.stop_requested():
+                return self.stop_on_request()
             step = self.train_step(batches)
             if step is None:  # a rollout worker is lost for good
                 return self.stop(f"training stopped at step {self.step}: rollout workers were lost "
@@ -432,6 +442,23 @@ class Learner:
                 "staleness": staleness, "rollout_seconds": rollout_s, "fetch_seconds": fetch_s, "waited": waited,
                 "dropped": dropped}
 
+    def stop_requested(self) -> bool:
+        """Whether the driver asked for a stop (a signal): rank 0 reads the flag, every rank agrees."""
+        asked = self.rank == 0 and self.stop_flag is not None and ray.get(self.stop_flag.get.remote()) != 0
+        return bool(self.ranks.from_rank0(int(asked)))
+
+    def stop_on_request(self) -> None:
+        """Checkpoint the current step (every rank, the normal path) unless the last checkpoint
+        is that step or nothing was trained yet, and stop: no export, the driver ends the run."""
+        if self.step not in (0, self.checkpointed_step):
+            self.checkpoint()
+        if self.rank == 0:
+            print(f"stopped on request at step {self.step}", flush=True)
+        if self.publisher is not None and self.rank == 0:
+            self.publisher.close()
+        self.interrupted = True
+        return None
+
     def stop_nonfinite(self, loss: float) -> str:
         """Stop every rank cleanly (no retry by FailureConfig: it would fail the same way) and
         return why; the driver raises FloatingPointError with it and the last checkpoint's path."""
@@ -511,6 +538,7 @@ class Learner:
         return state
 
     def checkpoint(self) -> None:
+        self.checkpointed_step = self.step
         student, teacher = self.full_state(STUDENT), self.full_state(TEACHER)
         metrics = {"step": self.step}
         with save_checkpoint(self.rank, self.world, self.step, self.counters, self.optimizer,

@@ -16,7 +16,6 @@ Overrides are section.key=value (YAML values), as for jobs/train.py.
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -48,6 +47,7 @@ def main(argv=None) -> int:
     import torch
 
     from dopsd_ray.families import base_model_path, load_family, lora_targets
+    from dopsd_ray.jobenv import init_ray, wants_local_ray
     from dopsd_ray.preview import pixel_gaps, student_samples, teacher_samples, validation_grid, validation_set
     from dopsd_ray.weights import make_weights
 
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
 
     # 2. N training pairs of one bucket, read like the trainer reads them
     if not ray.is_initialized():  # the cluster named by RAY_ADDRESS, or a small local Ray
-        ray.init() if os.environ.get("RAY_ADDRESS") else ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        init_ray() if not wants_local_ray() else init_ray(address="local", num_cpus=2, include_dashboard=False,
+                                                         log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # as the trainer: the pairs its sample grids show
     context.enable_progress_bars = False

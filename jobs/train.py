@@ -6,6 +6,10 @@
 
 Overrides are section.key=value (YAML values), e.g. optim.lr=5e-5 runtime.mode=disaggregated.
 Re-running with the same train.run_name resumes from the last checkpoint.
+SIGTERM or SIGINT (Ctrl-C, `ray job stop`) stops the run after the current step with a checkpoint
+there (the MLflow run ends KILLED; exit status 128 + the signal's number); a second one stops it
+at once. Under `ray job submit`, a relative train.output_dir lands under ~/dopsd-ray on the
+driver's node (Ray deletes the job's working dir).
 """
 
 import argparse
@@ -24,6 +28,7 @@ def main(argv=None) -> int:
     _, cfg = config_from_cli(parser, argv)
 
     from dopsd_ray.driver import train
+    from dopsd_ray.stop import RunStopped
 
     try:
         summary = train(cfg)
@@ -33,6 +38,9 @@ def main(argv=None) -> int:
     except FloatingPointError as err:  # too many non-finite steps in a row: the message names the last checkpoint
         print(f"error: training stopped: {err}", file=sys.stderr)
         return 1
+    except RunStopped as err:  # SIGTERM / SIGINT: stopped cleanly, with a checkpoint to resume from
+        print(f"error: {err}", file=sys.stderr)
+        return 128 + err.signum
     print("\n== dopsd-ray: done ==")
     print(f"run directory:   {summary['run_dir']}")
     print(f"exported weights: {summary['export']}")

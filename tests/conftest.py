@@ -1,12 +1,20 @@
 """Shared fixtures: tiny random pipelines, built once per test session.
 
 One torch thread per process: 2-core machines, with Ray workers beside the tests.
+
+RAY_ADDRESS=local for the whole session: every Ray a test starts, in this process (ray.init,
+driver.train, Ray Data) or in a subprocess it launches (which inherits the environment), is a
+new local one, never a `ray start` cluster on this machine or a stale record of one
+(/tmp/ray/ray_current_cluster). tests/test_job_submit.py names its own head explicitly.
 """
+
+import os
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+os.environ["RAY_ADDRESS"] = "local"
 
 
 @pytest.fixture(scope="session")
@@ -26,9 +34,11 @@ def local_ray():
     earlier module left up in this process is reused, and left to that module."""
     import ray
 
+    from dopsd_ray.jobenv import init_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        init_ray(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     if started:
         ray.shutdown()

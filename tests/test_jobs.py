@@ -29,14 +29,11 @@ SIZE, SEED = 32, 3
 PROMPT = "a red circle on a white background"
 
 
-def run_job(script, *args, timeout=300, ray_address=None):
+def run_job(script, *args, timeout=300):
     """jobs/<script> in a fresh process. One that needs Ray (preview_teacher.py, miniature.py)
-    starts its own local instance there; this module has no local_ray, so no Ray of the tests
-    runs beside it. ray_address="local": a new local Ray even where `ray start` left one."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    if ray_address is not None:
-        env["RAY_ADDRESS"] = ray_address
-    env["OMP_NUM_THREADS"] = "1"
+    starts its own local instance there (RAY_ADDRESS=local, from conftest: even where `ray
+    start` left one); this module has no local_ray, so no Ray of the tests runs beside it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -178,7 +175,7 @@ def test_miniature_trains_and_scores_one_method(tmp_path):
     (jobs/evaluate.py's) against the base, and the teacher context."""
     out = tmp_path / "mini"
     r = run_job("miniature.py", "--methods", "dopsd", "--seeds", 0, "--threads", 1, "--out", out,
-                "train.steps=2", "train.sample_every=1000", "train.checkpoint_every=1000", ray_address="local")
+                "train.steps=2", "train.sample_every=1000", "train.checkpoint_every=1000")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert {"base", "teacher", "dopsd"} <= results.keys() and "sft" not in results
