@@ -452,10 +452,7 @@ class Learner:
         is that step or nothing was trained yet, and stop: no export, the driver ends the run."""
         if self.step not in (0, self.checkpointed_step):
             self.checkpoint()
-        if self.rank == 0:
-            print(f"stopped on request at step {self.step}", flush=True)
-        if self.publisher is not None and self.rank == 0:
-            self.publisher.close()
+        self.end_loop(f"stopped on request at step {self.step}")
         self.interrupted = True
         return None
 
@@ -471,13 +468,17 @@ class Learner:
 
     def stop(self, message: str) -> str:
         """End the loop on every rank without an error (Ray Train does not retry it); returns `message`."""
+        if self.rank == 0 and self.mlflow:
+            self.mlflow.set_tag("dopsd.stopped", message)
+        self.end_loop(message)
+        return message
+
+    def end_loop(self, message: str) -> None:
+        """Rank 0 prints why the loop ends and closes the weight publisher."""
         if self.rank == 0:
             print(message, flush=True)
-            if self.mlflow:
-                self.mlflow.set_tag("dopsd.stopped", message)
-        if self.publisher is not None and self.rank == 0:
-            self.publisher.close()
-        return message
+            if self.publisher is not None:
+                self.publisher.close()
 
     # -- weights out -----------------------------------------------------------------
     def gathered(self, named: list, to_cpu: bool = True, pin: bool = False):
