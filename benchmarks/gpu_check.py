@@ -15,7 +15,7 @@ A few minutes on one GPU; about 4 on a 2-core CPU. It runs, in this order:
    the teacher on the learner, with teacher targets, SFT; both tiny families): exp.to("cpu")
    leaves every tensor (tensors_in) on the CPU, exp.to(device) puts every one on the device.
 3. Step times (before any Ray process shares the machine): SFT and D-OPSD side by side with the
-   learner's in-process loss function (colocated_loss + backward + AdamW step), bf16, on a
+   learner's in-process loss function (colocated_loss with a backward per state + AdamW step), bf16, on a
    transformer of Z-Image's real width (dim 3840, 30 heads of 128, cap_feat_dim 2560) with fewer
    layers (2 + 1 refiner), at 512 x 512 px images (64 x 64 latents), on GPU; on CPU a small width
    (dim 64: the real one is far too slow there), recorded in the JSON.
@@ -630,8 +630,8 @@ def step_times(device: str, work: Path, warmup: int, repeats: int) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             synchronize(device)
             t0 = time.perf_counter()
-            loss, metrics = colocated_loss(family, weights, batch, sigmas, algo)
-            loss.backward()
+            loss, metrics = colocated_loss(family, weights, batch, sigmas, algo,
+                                           lambda share, last: share.backward())  # per state, as the learner
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             synchronize(device)
@@ -647,7 +647,7 @@ def step_times(device: str, work: Path, warmup: int, repeats: int) -> dict:
     width = {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()}
     return {"width": width, "real_zimage_width": spec["dim"] == 3840, "dtype": "bfloat16", "device": device,
             "transformer_parameters": parameters, "trainable_parameters": sum(p.numel() for p in trainable),
-            "what": "colocated_loss (the learner's function) + backward + torch AdamW step; batch 1, K=4 recipe "
+            "what": "colocated_loss (the learner's function, a backward per trained state) + torch AdamW step; batch 1, K=4 recipe "
                     "sigmas for D-OPSD; median / max over the repeats after the warm-up",
             "rows": rows, "dopsd_over_sft": ratio}
 

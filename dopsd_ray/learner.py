@@ -4,7 +4,8 @@
     train()  the loop, written out; a step is one optimizer update:
                  lr = lr_at(step)   (a pure function of the step: a resume continues it exactly)
                  train.grad_accum times: batch (colocated: own data shard) or experience
-                     (disaggregated: buffer) -> loss -> backward (the gradients accumulate)
+                     (disaggregated: buffer) -> loss -> backward (the gradients accumulate;
+                     D-OPSD: a backward per trained state, as soon as it is scored)
                  clip + AdamW step (engine) -> EMA teacher
                  every sync_every: gathered weights -> rollout workers, with a version
                      (through a WeightPublisher: object store or collective, runtime.sync_transport)
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
 import ray.train
 import ray.train.torch
 import torch
@@ -141,18 +143,25 @@ def peak_memory_bytes() -> int:
 
 
 def backward_micro(engine, loss: torch.Tensor, ranks: LearnerRanks, last: bool) -> bool:
-    """engine.backward of one micro-batch's loss; False if it is not finite on some rank.
+    """engine.backward of one loss (a micro-batch's SFT loss, or one D-OPSD state's share of a
+    micro-batch's loss); False if it is not finite on some rank.
 
     Every rank gets the same answer (`ranks`) and every rank runs a backward, so the
-    collectives inside it never hang. A non-finite loss loses the whole step, but the step's
-    earlier micro-batches are accumulated already, and where depends on the ZeRO stage. So
-    it is backpropagated times NaN, on every rank: the step's gradients become NaN, and the
-    overflow check at its end (DeepSpeed's for ZeRO 1-3, finish_step's for stage 0) skips
-    the step and drops them all. `last`: the step's last micro-batch, whose backward reduces
-    the gradients (DeepSpeed's accumulation boundary); set on every call, so it never
-    depends on DeepSpeed's own count of micro-batches, which a skipped stage-0 step breaks.
+    collectives inside it never hang (every rank scores as many states per micro-batch). A
+    non-finite loss loses the whole step, but the step's earlier backwards are accumulated
+    already, and where depends on the ZeRO stage. So it is backpropagated times NaN, on every
+    rank: the step's gradients become NaN, and the overflow check at its end (DeepSpeed's for
+    ZeRO 1-3, finish_step's for stage 0) skips the step and drops them all. `last`: the
+    step's last backward, which reduces the gradients (DeepSpeed's accumulation boundary);
+    set on every call, so it never depends on DeepSpeed's own count of micro-batches, which a
+    skipped stage-0 step breaks.
     """
     finite = ranks.all_finite([loss])
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        # What engine.forward does first. The learner calls the module itself (the family's
+        # velocity), and without this ZeRO-3 takes every backward of a step for the step's first
+        # and overwrites the gradients accumulated so far with its own.
+        engine.optimizer.clear_backward_seen_flag()
     engine.set_gradient_accumulation_boundary(last)
     engine.backward(loss if finite else loss * math.nan)  # scaled by 1 / grad_accum: the mean gradient
     return finite
@@ -423,18 +432,24 @@ class Learner:
                 return None
             fetch_s += time.perf_counter() - start
             waited, dropped = waited + item_waited, dropped + item_dropped
+            finites = []
+
+            def backward(loss_share, last_state, last_micro=micro == accum - 1):
+                # a backward per trained state (algorithms/dopsd.py): one state's graph alive at a time
+                finites.append(backward_micro(self.engine, loss_share, self.ranks, last=last_micro and last_state))
+
             if isinstance(item, Batch):
                 _, _, height, width = item.images.shape
                 loss, item_metrics = colocated_loss(
-                    self.family, self.weights, item, self.sigmas(height, width), cfg.algorithm)
+                    self.family, self.weights, item, self.sigmas(height, width), cfg.algorithm, backward)
                 images += len(item.captions)
             else:
-                loss, item_metrics = experience_loss(self.family, self.weights, item, cfg.algorithm)
+                loss, item_metrics = experience_loss(self.family, self.weights, item, cfg.algorithm, backward)
                 images += len(item.ids)
                 # version: the optimizer step whose snapshot made it; the step logs its oldest
                 staleness = max(staleness, self.step - item.version)
                 rollout_s += item.rollout_seconds / accum
-            finite = backward_micro(self.engine, loss, self.ranks, last=micro == accum - 1) and finite
+            finite = all(finites) and finite
             losses.append(loss.item())
             metrics.append(item_metrics)
         applied = finish_step(self.engine, self.ranks, cfg.runtime.zero_stage, finite)

@@ -94,6 +94,44 @@ def test_dopsd_step_equals_naive_loop(family):
     assert metrics["trained_states"] == 2 * 4
 
 
+@pytest.mark.parametrize("where", ["colocated", "experience_with_targets", "experience_teacher_here", "sft"])
+def test_a_backward_per_trained_state_gives_the_gradients_of_the_mean_loss(family, where):
+    """The learner's path: `backward` gets each trained state's share as soon as it is scored
+    (one graph alive at a time); its gradients equal one backward of the mean, the returned
+    loss is the mean, detached, and `last` is set on the final call only."""
+    w = lora(family)
+
+    def run(backward):
+        for p in w.trainable_parameters():
+            p.grad = None
+        algo = AlgorithmConfig(name="sft" if where == "sft" else "dopsd", states_per_rollout=3)
+        batch = Batch(images(), CAPTIONS, ["a", "b"], index=4, seed=1)
+        if where in ("colocated", "sft"):
+            loss, _ = colocated_loss(family, w, batch, SIGMAS, algo, backward)
+        else:
+            exp = make_experience(family, w, batch, SIGMAS, algo, version=0,
+                                  with_targets=where == "experience_with_targets")
+            loss, _ = experience_loss(family, w, exp, algo, backward)
+        if backward is None:
+            loss.backward()
+        return loss, {k: p.grad.clone() for k, p in w.named_parameters() if p.grad is not None}
+
+    calls = []
+
+    def backward(share, last):
+        assert share.requires_grad
+        calls.append(last)
+        share.backward()
+
+    mean, want = run(None)
+    loss, got = run(backward)
+    assert not loss.requires_grad and loss.item() == pytest.approx(mean.item(), rel=1e-6)
+    assert calls == ([True] if where == "sft" else [False, False, True])  # 3 of the K=4 states
+    assert want and want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-8)
+
+
 def test_velocity_loss_is_x0_loss_without_sigma_squared(family):
     w = lora(family)
     teacher = lambda x, s: family.velocity(w.model, x, s, family.student_context(["other"] * 2))

@@ -474,8 +474,8 @@ def test_gradient_accumulation_equals_one_larger_batch_and_a_bad_micro_batch_ski
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
     y = torch.randn(4, 1, generator=torch.Generator().manual_seed(2))
 
-    def mse(engine, rows):
-        return lambda: (engine(x[rows]) - y[rows]).pow(2).mean()
+    def mse(engine, rows):  # the module itself, as the learner calls it (not engine.forward)
+        return lambda: (engine.module(x[rows]) - y[rows]).pow(2).mean()
 
     before = accum_weights()
     assert learner_step(accum, zero_stage, mse(accum, [0]), lambda: mse(accum, [1])() + math.inf) is False

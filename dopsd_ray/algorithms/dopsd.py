@@ -8,6 +8,12 @@ Colocated (the released recipe): `dopsd_step` rolls out from noise with the stud
 own Euler steps; the student forward that advances the chain is the one in the loss.
 Disaggregated: a rollout worker calls `rollout_states` with a frozen snapshot and the
 learner calls `dopsd_loss_on_states`; with the same weights both give the same loss.
+
+Backward per trained state: given `backward`, both call it on each trained state's share of
+the loss (its loss / the number of trained states) as soon as that state is scored, so one
+state's graph is alive at a time instead of K: the step's activation memory is a single
+state's, like SFT at the same batch. The gradients are those of the mean loss, which is
+then returned detached. Without `backward` the caller backpropagates the mean loss itself.
 """
 
 from dataclasses import dataclass
@@ -18,6 +24,7 @@ import torch
 from .sampling import euler_step
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Backward = Callable[[torch.Tensor, bool], None]  # (a state's share of the loss, is it the last one)
 
 
 def state_loss(v_student: torch.Tensor, v_teacher: torch.Tensor, sigma: torch.Tensor, space: str) -> torch.Tensor:
@@ -40,38 +47,48 @@ def choose_states(num_states: int, states_per_rollout: int | None, generator: to
 
 @dataclass
 class DopsdOutput:
-    loss: torch.Tensor  # mean over trained states, carries the student's graph
+    loss: torch.Tensor  # mean over trained states; carries the student's graph unless backward was given
     state_losses: list[float]  # detached, one per trained state
     states: torch.Tensor  # (K, *latent) the visited states x_k, detached
 
 
 def dopsd_step(
     student: VelocityFn, teacher: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor,
-    loss_space: str = "x0", train_states: Sequence[int] | None = None,
+    loss_space: str = "x0", train_states: Sequence[int] | None = None, backward: Backward | None = None,
 ) -> DopsdOutput:
     """Roll out K student Euler steps from noise and match the teacher on every visited state.
 
-    The caller does `out.loss.backward()`, clipping, the optimizer step and the EMA update.
+    The caller does the backward (`out.loss.backward()`, or `backward` per state), clipping,
+    the optimizer step and the EMA update.
     """
     num_states = len(sigmas) - 1
-    train_states = set(range(num_states) if train_states is None else train_states)
+    train_states = sorted(set(range(num_states) if train_states is None else train_states))
     x = noise.float()
     states, losses = [], []
     for k in range(num_states):
-        x = x.detach()  # no backprop through the chain
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         states.append(x)
         if k in train_states:
             with torch.no_grad():  # only where a loss is taken: a state not trained on needs no target
                 v_teacher = teacher(x, sigma)  # the teacher sees the STUDENT's state
             v_student = student(x, sigma)
-            losses.append(state_loss(v_student, v_teacher, sigma, loss_space))
+            losses.append(scored(state_loss(v_student, v_teacher, sigma, loss_space), len(train_states),
+                                  k == train_states[-1], backward))
         else:
             with torch.no_grad():
                 v_student = student(x, sigma)
-        x = euler_step(x, sigma, sigma_next, v_student)  # the student's own Euler step
+        x = euler_step(x, sigma, sigma_next, v_student.detach())  # the student's own Euler step; no backprop through the chain
     loss = torch.stack(losses).mean()
     return DopsdOutput(loss, [l.item() for l in losses], torch.stack(states))
+
+
+def scored(loss: torch.Tensor, num_trained: int, last: bool, backward: Backward | None) -> torch.Tensor:
+    """A trained state's loss (SFT: the batch's), backpropagated now as its share of the mean of
+    `num_trained` when `backward` is given, and then detached."""
+    if backward is None:
+        return loss
+    backward(loss / num_trained, last)
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -94,6 +111,7 @@ def teacher_targets(teacher: VelocityFn, states: torch.Tensor, sigmas: torch.Ten
 def dopsd_loss_on_states(
     student: VelocityFn, states: torch.Tensor, sigmas: torch.Tensor, train_states: Sequence[int],
     teacher: VelocityFn | None = None, targets: torch.Tensor | None = None, loss_space: str = "x0",
+    backward: Backward | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """The learner's side of a disaggregated step: score pre-rolled states.
 
@@ -107,6 +125,7 @@ def dopsd_loss_on_states(
     losses = []
     for i, k in enumerate(train_states):
         v_student = student(states[k], sigmas[k])
-        losses.append(state_loss(v_student, targets[i], sigmas[k], loss_space))
+        losses.append(scored(state_loss(v_student, targets[i], sigmas[k], loss_space), len(train_states),
+                              i == len(train_states) - 1, backward))
     loss = torch.stack(losses).mean()
     return loss, [l.item() for l in losses]

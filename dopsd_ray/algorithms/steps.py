@@ -5,9 +5,13 @@ noise is drawn, velocity functions are bound to (weights, context), and the pure
 functions in dopsd.py / sft.py do the math. Still no Ray, MLflow or DeepSpeed here:
 the learner calls these functions and owns backward / clip / optimizer step / EMA.
 
-    colocated (the recipe):    loss = colocated_loss(...)
+    colocated (the recipe):    loss = colocated_loss(..., backward)
     disaggregated, rollout:    exp = make_experience(...)       (no grad, frozen snapshot)
-    disaggregated, learner:    loss = experience_loss(exp, ...)
+    disaggregated, learner:    loss = experience_loss(exp, ..., backward)
+
+`backward(loss_share, last)`: the learner's backward, called on each trained state's share
+of the loss as soon as it is scored (dopsd.py), once for SFT; the returned loss is then
+detached. Without it the returned loss carries the graph and the caller backpropagates it.
 """
 
 import time
@@ -16,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .dopsd import choose_states, dopsd_loss_on_states, dopsd_step, rollout_states, teacher_targets
+from .dopsd import Backward, choose_states, scored, dopsd_loss_on_states, dopsd_step, rollout_states, teacher_targets
 from .schedules import sample_sft_sigmas
 from .sft import sft_loss
 from ..tensors import to_device
@@ -127,18 +131,19 @@ def _inputs(family, batch: Batch, sigmas: torch.Tensor, algo) -> dict:
     return out
 
 
-def colocated_loss(family, weights, batch: Batch, sigmas: torch.Tensor, algo) -> tuple[torch.Tensor, dict]:
+def colocated_loss(family, weights, batch: Batch, sigmas: torch.Tensor, algo,
+                   backward: Backward | None = None) -> tuple[torch.Tensor, dict]:
     """One step of the released recipe (dopsd) or of baseline SFT, computed by the learner."""
     inputs = _inputs(family, batch, sigmas, algo)
     if algo.name == "sft":
-        return _sft(family, weights, inputs["c_s"], inputs["x0"], inputs["noise"], inputs["sft_sigmas"])
+        return _sft(family, weights, inputs["c_s"], inputs["x0"], inputs["noise"], inputs["sft_sigmas"], backward)
     c_s, c_t, noise, train = inputs["c_s"], inputs["c_t"], inputs["noise"], inputs["train"]
 
     def teacher(x, sigma):
         with weights.teacher() as model:
             return family.velocity(model, x, sigma, c_t)
 
-    out = dopsd_step(velocity_fn(family, weights.model, c_s), teacher, noise, sigmas, algo.loss_space, train)
+    out = dopsd_step(velocity_fn(family, weights.model, c_s), teacher, noise, sigmas, algo.loss_space, train, backward)
     return out.loss, _dopsd_metrics(out.state_losses, sigmas, train, len(batch.captions))
 
 
@@ -152,8 +157,8 @@ def _sft_inputs(family, images, gen, algo):
     return x0, noise, sigmas
 
 
-def _sft(family, weights, c_s, x0, noise, sft_sigmas):
-    loss = sft_loss(velocity_fn(family, weights.model, c_s), x0, noise, sft_sigmas)
+def _sft(family, weights, c_s, x0, noise, sft_sigmas, backward: Backward | None):
+    loss = scored(sft_loss(velocity_fn(family, weights.model, c_s), x0, noise, sft_sigmas), 1, True, backward)
     return loss, {"loss/sft": loss.item(), "trained_states": x0.shape[0]}
 
 
@@ -184,19 +189,21 @@ def make_experience(family, weights, batch: Batch, sigmas: torch.Tensor, algo, v
                       rollout_seconds=time.perf_counter() - start)
 
 
-def experience_loss(family, weights, exp: Experience, algo) -> tuple[torch.Tensor, dict]:
+def experience_loss(family, weights, exp: Experience, algo, backward: Backward | None = None) -> tuple[torch.Tensor, dict]:
     """The learner's side of a disaggregated step."""
     if exp.algorithm == "sft":
-        return _sft(family, weights, exp.student_context, exp.latents, exp.noise, exp.sft_sigmas)
+        return _sft(family, weights, exp.student_context, exp.latents, exp.noise, exp.sft_sigmas, backward)
     student = velocity_fn(family, weights.model, exp.student_context)
     if exp.targets is not None:
         loss, state_losses = dopsd_loss_on_states(
-            student, exp.states, exp.sigmas, exp.train_states, targets=exp.targets, loss_space=algo.loss_space)
+            student, exp.states, exp.sigmas, exp.train_states, targets=exp.targets, loss_space=algo.loss_space,
+            backward=backward)
     else:
         def teacher(x, sigma):
             with weights.teacher() as model:
                 return family.velocity(model, x, sigma, exp.teacher_context)
 
         loss, state_losses = dopsd_loss_on_states(
-            student, exp.states, exp.sigmas, exp.train_states, teacher=teacher, loss_space=algo.loss_space)
+            student, exp.states, exp.sigmas, exp.train_states, teacher=teacher, loss_space=algo.loss_space,
+            backward=backward)
     return loss, _dopsd_metrics(state_losses, exp.sigmas, exp.train_states, len(exp.ids))
