@@ -16,8 +16,8 @@ method: the median over seeds of the device-seconds of the first export that rea
 (None when none did), and D-OPSD's scores at the last export within SFT's median
 device-seconds to quality.
 
-Estimate on a 2-core CPU: SFT runs ~2 min, D-OPSD runs ~4.5 min (40 steps), + evaluating 48 exports:
-~25-30 min. (--seeds 0 --steps 10 took 5.6 min here, evaluation included.)
+On this 2-core CPU the default took 7.6 min (6 runs of 40 steps, then one evaluation of the base
+and 48 exports), on an otherwise idle machine.
 Writes benchmarks/results/quality-<cpu|gpu>.json.
 """
 

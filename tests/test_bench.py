@@ -103,3 +103,28 @@ def test_ab_smoke(tmp_path):
     assert row["dopsd_onpolicy"]["rollout_s"] > 0 and row["dopsd_onpolicy"]["raw_transfer_s"] > 0
     assert row["dopsd_onpolicy"]["sync_bytes"] > 0 and row["sft"]["sync_bytes"] == 0
     assert "dopsd_onpolicy/sft" in res["summary"]["device_seconds"]
+
+
+def test_time_to_quality_takes_the_first_export_that_reaches_both_targets_and_the_table_names_every_seed():
+    from benchmarks.ab import readme_table
+    from benchmarks.quality import first_reached
+
+    base_prior = 0.96
+    points = [{"step": 10, "device_s": 2.0, "concept": 0.97, "prior": 0.90},  # concept, but the prior fell
+              {"step": 15, "device_s": 3.0, "concept": 0.96, "prior": 0.93},  # 0.93 >= 0.95 x 0.96
+              {"step": 5, "device_s": 1.0, "concept": 0.50, "prior": 0.96},
+              {"step": 20, "device_s": 4.0, "concept": 1.00, "prior": 0.96}]
+    assert first_reached(points, base_prior)["step"] == 15
+    assert first_reached(points[2:3], base_prior) is None
+
+    def run(method, seed, reached):
+        return {"method": method, "seed": seed, "reached": reached and {"step": reached[0], "device_s": reached[1]}}
+    quality = {"ratio_dopsd_over_sft": 4.0,
+               "reached": {"dopsd": {"device_s_median": 8.0, "seeds": 2}, "sft": {"device_s_median": 2.0, "seeds": 2}},
+               "runs": {"dopsd-1": run("dopsd", 1, None), "dopsd-0": run("dopsd", 0, (15, 8.0)),
+                        "sft-0": run("sft", 0, (10, 2.0)), "sft-1": run("sft", 1, (15, 2.5))},
+               "dopsd_at_sft_device_s": {"device_s": 2.0, "points": [None, {"concept": 0.25}]}}
+    res = {"summary": {"device_seconds": {}, "limit": {}, "sync": {}, "memory": {}, "scaling": {}, "per_step": None}}
+    (row,) = [r for r in readme_table(res, quality).splitlines() if "to quality" in r]
+    assert "4.00" in row and "D-OPSD 8.0 s: 8.0 s (step 15), not reached" in row
+    assert "SFT 2.0 s: 2.0 s (step 10), 2.5 s (step 15)" in row and "concept 0.25" in row

@@ -77,7 +77,8 @@ def dopsd_step(
         else:
             with torch.no_grad():
                 v_student = student(x, sigma)
-        x = euler_step(x, sigma, sigma_next, v_student.detach())  # the student's own Euler step; no backprop through the chain
+        # the student's own Euler step; no backprop through the chain
+        x = euler_step(x, sigma, sigma_next, v_student.detach())
     loss = torch.stack(losses).mean()
     return DopsdOutput(loss, [l.item() for l in losses], torch.stack(states))
 

@@ -189,7 +189,8 @@ def make_experience(family, weights, batch: Batch, sigmas: torch.Tensor, algo, v
                       rollout_seconds=time.perf_counter() - start)
 
 
-def experience_loss(family, weights, exp: Experience, algo, backward: Backward | None = None) -> tuple[torch.Tensor, dict]:
+def experience_loss(family, weights, exp: Experience, algo,
+                    backward: Backward | None = None) -> tuple[torch.Tensor, dict]:
     """The learner's side of a disaggregated step."""
     if exp.algorithm == "sft":
         return _sft(family, weights, exp.student_context, exp.latents, exp.noise, exp.sft_sigmas, backward)
