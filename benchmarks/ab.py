@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "bench"))
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ab-<cpu|gpu>.json)")
     p.add_argument("--quality", action="store_true", help="run benchmarks/quality.py instead (time to quality)")
-    p.add_argument("--table", default=None, help="print the README table of this result JSON, and stop")
+    p.add_argument("--table", default=None, help="print the README tables of this result JSON, and stop")
     p.add_argument("--quality-json", default=None, help="with --table: quality.py's JSON, for its row")
     return p.parse_args(argv)
 
@@ -664,7 +664,8 @@ def main(argv=None) -> int:
         return quality.main([])
     if args.table:
         q = json.loads(Path(args.quality_json).read_text()) if args.quality_json else None
-        print(readme_table(json.loads(Path(args.table).read_text()), q))
+        res = json.loads(Path(args.table).read_text())
+        print(readme_table(res, q), memory_table(res), sep="\n\n")
         return 0
     torch.set_num_threads(1)
     work = Path(args.work_dir)
@@ -800,6 +801,21 @@ def readme_table(res: dict, quality: dict | None = None) -> str:
                      "first export (every 5 steps) that reaches it; the miniature's evaluator"))
     lines = ["| ratio | measured: median [IQR], max | count, target | counts / leaves out |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows]
+    return "\n".join(lines)
+
+
+def memory_table(res: dict) -> str:
+    """Memory per learner rank, arm by arm (MB): the counted state and the step's measured peak above it."""
+    lines = ["| ranks | arm | weights held | fp32 masters | AdamW | EMA shadow | encoders/VAE | state | "
+             "step peak above it | per rank |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for world, m in res["summary"]["memory"].items():
+        for name, a in m["arms"].items():
+            if not name.startswith("mem_"):
+                continue
+            mb = [a[k] / 1e6 for k in ("weights", "fp32_masters", "adamw", "ema_shadow", "frozen_modules", "total",
+                                       "step_peak", "per_rank")]
+            lines.append(f"| {world.replace('world', '')} | {name.replace('mem_', '')} | "
+                         + " | ".join(f"{v:.1f}" for v in mb) + " |")
     return "\n".join(lines)
 
 

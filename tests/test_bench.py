@@ -128,3 +128,13 @@ def test_time_to_quality_takes_the_first_export_that_reaches_both_targets_and_th
     (row,) = [r for r in readme_table(res, quality).splitlines() if "to quality" in r]
     assert "4.00" in row and "D-OPSD 8.0 s: 8.0 s (step 15), not reached" in row
     assert "SFT 2.0 s: 2.0 s (step 10), 2.5 s (step 15)" in row and "concept 0.25" in row
+
+
+def test_memory_table_lists_the_memory_arms_in_megabytes():
+    from benchmarks.ab import memory_table
+
+    arm = {"weights": 100e6, "fp32_masters": 10e6, "adamw": 20e6, "ema_shadow": 5e6, "frozen_modules": 0.5e6,
+           "total": 135.5e6, "step_peak": 40e6, "per_rank": 175.5e6}
+    res = {"summary": {"memory": {"world2": {"arms": {"mem_dopsd_lora_z3": arm, "dopsd_colocated": arm}}}}}
+    rows = memory_table(res).splitlines()[2:]
+    assert rows == ["| 2 | dopsd_lora_z3 | 100.0 | 10.0 | 20.0 | 5.0 | 0.5 | 135.5 | 40.0 | 175.5 |"]
