@@ -170,6 +170,7 @@ def faults_run(out):
     return summary, rollout, learner
 
 
+@pytest.mark.slow  # the FLUX.2-klein fault run (faults_run): ~2.5 min on 2 cores
 def test_flux2_klein_async_sft_survives_a_killed_rollout_worker(faults_run):
     """Ray restarts the worker and retries its roll-out loop; the new process fetches the latest
     snapshot from the WeightStore; the restart is counted in MLflow; the run completes."""
@@ -195,6 +196,7 @@ def test_flux2_klein_async_sft_survives_a_killed_rollout_worker(faults_run):
           f"{summary['rollout_restarts']}; fit {summary['seconds']:.0f} s")
 
 
+@pytest.mark.slow  # the FLUX.2-klein fault run (faults_run): ~2.5 min on 2 cores
 def test_flux2_klein_async_sft_resumes_from_the_last_checkpoint_after_a_killed_learner(faults_run, out):
     """Ray Train restarts the learner group from the last registered checkpoint (FailureConfig);
     the step count continues from there, in the same MLflow run; the export loads."""
@@ -283,6 +285,7 @@ def test_a_killed_rollout_worker_rejoins_the_collective_weight_sync(out):
 
 
 # -- 5. a re-run whose steps blow up -----------------------------------------------------------
+@pytest.mark.slow  # the FLUX.2-klein fault run (faults_run): ~2.5 min on 2 cores
 def test_rerun_resumes_in_the_same_run_and_nonfinite_steps_stop_it_with_a_usable_checkpoint(faults_run, out):
     """Re-running with the same train.run_name resumes from the last checkpoint (step 10) in the
     same MLflow run, here as colocated D-OPSD on FLUX.2-klein (reference-image teacher).
