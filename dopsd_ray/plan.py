@@ -139,19 +139,17 @@ def activation_bytes(cfg: Config, c: Counts, checkpointing: bool) -> int:
     """ESTIMATE of the student's training activations on one learner rank.
 
     tokens N = pixel_budget / token_pixels^2 image tokens + max_sequence_length text tokens;
-    forwards F = batch_size x trained states (algorithm.states_per_rollout, else K), all kept until
-    the one backward; per block and token: ACT_PER_TOKEN_HIDDEN x hidden x (dtype bytes / 2).
+    forwards F = batch_size: the learner backpropagates each trained state as soon as it is
+    scored (algorithms/dopsd.py), so one state's graph is alive at a time, whatever K, as for
+    SFT; per block and token: ACT_PER_TOKEN_HIDDEN x hidden x (dtype bytes / 2).
       without checkpointing: F x N x blocks x 34 h
       with checkpointing:    F x N x blocks x h x dtype bytes (each block's input)  +  N x batch x 34 h
                              (one block recomputed at a time in the backward)
     The teacher's forward runs without grad and the roll-out's too: their activations are transient.
     """
     b = 2 if cfg.model.dtype == "bfloat16" else 4
-    k = len(cfg.algorithm.training_sigmas) - 1 if isinstance(cfg.algorithm.training_sigmas, list) \
-        else (4 if cfg.algorithm.training_sigmas == "recipe_4step" else cfg.algorithm.inference_steps)
-    states = min(k, cfg.algorithm.states_per_rollout or k)
     tokens = cfg.data.pixel_budget // c.token_pixels**2 + cfg.model.max_sequence_length
-    forwards = cfg.train.batch_size * states
+    forwards = cfg.train.batch_size
     per_block = ACT_PER_TOKEN_HIDDEN * c.hidden * b // 2
     if not checkpointing:
         return forwards * tokens * c.blocks * per_block

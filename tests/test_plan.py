@@ -96,6 +96,22 @@ def test_preflight_refuses_a_recipe_that_cannot_fit_and_names_what_to_change():
     check_memory(load_config(ROOT / "configs" / "zimage_turbo_lora_1gpu.yaml", ["runtime.gpu_memory_gb=80"]))
 
 
+def test_activations_are_one_trained_states_whatever_k_and_the_algorithm():
+    """The learner backpropagates each trained state as soon as it is scored: D-OPSD holds one
+    state's activations, like SFT at the same batch, whatever K or states_per_rollout."""
+    from dopsd_ray.plan import activation_bytes
+
+    recipe = ROOT / "configs" / "zimage_turbo_lora_1gpu.yaml"
+    c = count(load_config(recipe))
+    for ckpt in (True, False):
+        dopsd = activation_bytes(load_config(recipe), c, ckpt)
+        assert activation_bytes(load_config(recipe, ["algorithm.name=sft"]), c, ckpt) == dopsd
+        assert activation_bytes(load_config(recipe, ["algorithm.states_per_rollout=1"]), c, ckpt) == dopsd
+        assert activation_bytes(load_config(recipe, ["algorithm.training_sigmas=inference",
+                                                     "algorithm.inference_steps=8"]), c, ckpt) == dopsd
+        assert activation_bytes(load_config(recipe, ["train.batch_size=2"]), c, ckpt) == 2 * dopsd
+
+
 def test_more_learners_shrink_only_what_zero3_partitions():
     from dopsd_ray.plan import plan
 
