@@ -715,6 +715,11 @@ def main(argv=None) -> int:
 
 
 
+def memory_label(key: str) -> str:
+    """A memory ratio's key as the README table names it."""
+    return key.replace("_timing_arms", " (the timing arms)").replace("_vs_sft_kb", " against SFT at K*B")
+
+
 def readme_table(res: dict, quality: dict | None = None) -> str:
     """The README's headline table from a result JSON (and quality.py's), so it is refreshed, not retyped:
     python benchmarks/ab.py --table benchmarks/results/ab-cpu.json [--quality-json ...]."""
@@ -766,8 +771,7 @@ def readme_table(res: dict, quality: dict | None = None) -> str:
         r = m["dopsd_over_sft"]
         lora = [k for k in r if k.startswith("lora")]
         rows.append((f"memory per learner rank, D-OPSD / SFT, {world.replace('world', '')} rank(s)",
-                     ", ".join(f"{k.replace('_timing_arms', ' (the timing arms)').replace('_vs_sft_kb', ' against SFT at K*B')} "
-                               f"{v:.2f}" for k, v in r.items()),
+                     ", ".join(f"{memory_label(k)} {v:.2f}" for k, v in r.items()),
                      f"LoRA <= 1.3: {met(all(r[k] <= 1.3 for k in lora if k != 'lora_z3_vs_sft_kb'))}",
                      "counted state (weights held, fp32 masters, AdamW, EMA shadow, resident encoders/VAE) + the "
                      "step's measured peak above it (CPU: VmHWM after malloc_trim)"))
@@ -783,7 +787,7 @@ def readme_table(res: dict, quality: dict | None = None) -> str:
                          f"{scal[f'{arm}@world2']['images_per_s'] / scal[f'{arm}@world1']['images_per_s']:.2f}",
                          "2 CPU cores: shows contention, not scaling", "a burst of steps back to back"))
     if quality and quality.get("ratio_dopsd_over_sft") is not None:
-        q = quality["reached"]
+        q, every = quality["reached"], quality["args"]["export_every"]
 
         def seeds(method):  # device-seconds (and the step) per seed at the first export that reached it
             runs = sorted((r for r in quality["runs"].values() if r["method"] == method), key=lambda r: r["seed"])
@@ -796,9 +800,9 @@ def readme_table(res: dict, quality: dict | None = None) -> str:
                      f"{seeds('sft')})",
                      "concept >= 0.95 and prior >= 0.95x base; D-OPSD at SFT's device-seconds: " +
                      (", ".join(f"concept {p['concept']:.2f}" for p in at_sft) if at_sft else
-                      "no export yet (its first, at step 5, comes later)"),
+                      f"no export yet (its first, at step {every}, comes later)"),
                      "benchmarks/quality.py: the learner's step seconds (no rollout workers: colocated) up to the "
-                     "first export (every 5 steps) that reaches it; the miniature's evaluator"))
+                     f"first export (every {every} steps) that reaches it; the miniature's evaluator"))
     lines = ["| ratio | measured: median [IQR], max | count, target | counts / leaves out |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows]
     return "\n".join(lines)

@@ -70,12 +70,7 @@ def weight_sync(rt: RuntimeConfig, workers: list) -> tuple:
 
 
 def train(cfg: Config) -> dict:
-    relative = not Path(cfg.train.output_dir).expanduser().is_absolute()
     cfg.train.output_dir = str(output_dir(cfg.train.output_dir))  # workers may run elsewhere
-    if relative and in_ray_job():
-        print(f"train.output_dir is relative, and Ray deletes a job's working dir: outputs go to "
-              f"{cfg.train.output_dir} on this node (set an absolute train.output_dir on shared storage "
-              "to choose)", flush=True)
     preflight(cfg)  # paths, and resources when Ray would start here: fails before any Ray work
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -50,8 +50,11 @@ def in_ray_job() -> bool:
 def output_dir(path: str) -> Path:
     """train.output_dir made absolute. A relative path is taken from the current directory,
     except under `ray job submit`: there the current directory is the job's unpacked working
-    dir, which Ray deletes, so it is taken from ~/dopsd-ray on the driver's node instead."""
+    dir, which Ray deletes, so it is taken from ~/dopsd-ray on the driver's node instead (and
+    says so)."""
     out = Path(path).expanduser()
     if not out.is_absolute() and in_ray_job():
-        out = Path.home() / "dopsd-ray" / out
+        out = (Path.home() / "dopsd-ray" / out).resolve()
+        print(f"train.output_dir is relative, and Ray deletes a job's working dir: outputs go to {out} on this "
+              "node (set an absolute train.output_dir on shared storage to choose)", flush=True)
     return out.resolve()

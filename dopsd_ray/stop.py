@@ -110,7 +110,6 @@ def fit(trainer, signals: StopSignals, flag) -> "ray.train.Result":
     return out["result"]
 
 
-
 def stop_wait_note() -> str:
     """Under `ray job submit` without a stop wait of its own: one line on how to lengthen it."""
     return (f"note: `ray job stop` sends SIGKILL {STOP_WAIT_DEFAULT_S} s after SIGTERM ({STOP_WAIT_ENV}), too soon "

@@ -119,7 +119,7 @@ def test_time_to_quality_takes_the_first_export_that_reaches_both_targets_and_th
 
     def run(method, seed, reached):
         return {"method": method, "seed": seed, "reached": reached and {"step": reached[0], "device_s": reached[1]}}
-    quality = {"ratio_dopsd_over_sft": 4.0,
+    quality = {"ratio_dopsd_over_sft": 4.0, "args": {"export_every": 5},
                "reached": {"dopsd": {"device_s_median": 8.0, "seeds": 2}, "sft": {"device_s_median": 2.0, "seeds": 2}},
                "runs": {"dopsd-1": run("dopsd", 1, None), "dopsd-0": run("dopsd", 0, (15, 8.0)),
                         "sft-0": run("sft", 0, (10, 2.0)), "sft-1": run("sft", 1, (15, 2.5))},
