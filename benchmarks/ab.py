@@ -98,7 +98,7 @@ def parse_args(argv=None):
 
 
 def arm_config(args, model_path: Path, name: str, algo: str, extra: list[str], batch: int, world: int) -> dict:
-    from dopsd_ray.config import load_config
+    from dopsd_ray.recipes import load_config
 
     overrides = [
         "model.tiny=false", f"model.path={model_path}", f"model.dtype={args.dtype}", f"algorithm.name={algo}",
@@ -234,7 +234,7 @@ def state_bytes(learner) -> dict:
                            or getattr(opt, "single_partition_of_fp32_groups", None) or [], seen)
     inner = getattr(opt, "optimizer", opt)
     moments = unique_bytes([v for s in inner.state.values() for v in s.values()], seen)
-    ema = unique_bytes(learner.ema.shadow if learner.ema is not None else [], seen)
+    ema = unique_bytes(learner.ema.shadow, seen)
     family = getattr(learner.family, "family", learner.family)  # CachedContexts wraps the family
     frozen = unique_bytes([t for name, m in vars(family).items() if isinstance(m, torch.nn.Module)
                            and name != "transformer" for t in [*m.parameters(), *m.buffers()]], seen)
@@ -262,20 +262,21 @@ class GcClock:
 
 
 def build_learner(name: str, arm: dict):
-    import ray.train
+    """The arm's real learner through its public constructor: its source (its own copy of the data
+    stream, in the same order, or its rollout workers' queue), its snapshots, and no EMA for
+    plain SFT; set up, with the first snapshot published (Learner.start)."""
+    from dopsd_ray.config import Config
+    from dopsd_ray.learner import DataStream, ExperienceQueue, Learner, LearnerInputs, Snapshots
+    from dopsd_ray.learner.context import RayTrainContext
 
-    from dopsd_ray.learner import Learner, LearnerInputs
-
-    learner = Learner(LearnerInputs(arm["config"], arm["model_path"], weight_sync=arm.get("publisher"),
-                                    experience_queue=arm.get("queue"), contexts=arm.get("contexts")))
-    learner.setup()
-    if not arm["ema"]:
-        learner.ema = None  # plain SFT: no EMA kept (train_step skips it)
-    if learner.queue is None:  # each colocated arm reads its own copy of the same data, in the same order
-        learner.data = ray.train.get_dataset_shard(f"arm_{name}")
-    if learner.publisher is not None:  # as Learner.train: the first snapshot before the first step
-        learner.publish_weights()
-    learner.bench_batches = learner.batches()
+    cfg = Config.model_validate(arm["config"])
+    inputs = LearnerInputs(arm["config"], arm["model_path"], contexts=arm.get("contexts"),
+                           source=ExperienceQueue(arm["queue"]) if "queue" in arm else DataStream(f"arm_{name}"))
+    if "publisher" in arm:
+        inputs.snapshots = Snapshots(arm["publisher"])
+    context = RayTrainContext(str(Path(cfg.run_dir) / "ray_train" / cfg.train.run_name))
+    learner = Learner(inputs, context, keep_ema=arm["ema"]).setup()
+    learner.start()
     return learner
 
 
@@ -306,14 +307,14 @@ def timed_step(name: str, learner, arm: dict, device, gc_clock: GcClock, rank0: 
     before_sync = worker_sync_seconds(arm) if rank0 and "workers" in arm else 0.0
     base = trim_and_reset_peak(device) if memory else 0
     gc0, gcn0 = gc_clock.seconds, gc_clock.collections
-    step = learner.train_step(learner.bench_batches)
+    step = learner.train_step()
     peak = peak_since(device) - base if memory else None
-    row = {"step_s": step["step_seconds"], "compute_s": step["compute_seconds"], "fetch_s": step["fetch_seconds"],
-           "waited_s": step["waited"], "rollout_s": step["rollout_seconds"] * learner.cfg.train.grad_accum,
-           "sync_s": step["sync"].get("sync/seconds", 0.0), "sync_bytes": step["sync"].get("sync/bytes", 0),
-           "images": step["images"], "states": step["metrics"]["trained_states"], "step_peak_bytes": peak,
+    row = {"step_s": step.step_seconds, "compute_s": step.compute_seconds, "fetch_s": step.fetch_seconds,
+           "waited_s": step.waited, "rollout_s": step.rollout_seconds * learner.cfg.train.grad_accum,
+           "sync_s": step.sync.get("sync/seconds", 0.0), "sync_bytes": step.sync.get("sync/bytes", 0),
+           "images": step.images, "states": step.metrics["trained_states"], "step_peak_bytes": peak,
            "gc_s": gc_clock.seconds - gc0, "gc_collections": gc_clock.collections - gcn0,
-           "applied": step["applied"]}
+           "applied": step.applied}
     if rank0 and "workers" in arm:
         refill(arm)
         row["worker_sync_s"] = worker_sync_seconds(arm) - before_sync  # fetch + apply of this step's snapshot

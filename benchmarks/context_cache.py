@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from benchmarks.bench_model import write_result  # noqa: E402
 from dopsd_ray.algorithms.schedules import training_sigmas  # noqa: E402
 from dopsd_ray.algorithms.steps import Batch, colocated_loss  # noqa: E402
-from dopsd_ray.config import load_config  # noqa: E402
+from dopsd_ray.recipes import load_config  # noqa: E402
 from dopsd_ray.contexts import cached_contexts, fill_context_cache  # noqa: E402
 from dopsd_ray.data.shards import list_sources, load_row  # noqa: E402
 from dopsd_ray.data.stream import StreamSpec, bundled_dataset_path, collate, decode_row, make_buckets  # noqa: E402

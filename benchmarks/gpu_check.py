@@ -64,7 +64,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.bench_model import count_parameters, init_ray, make_transformer, write_result  # noqa: E402
-from dopsd_ray.config import ConfigError, load_config  # noqa: E402
+from dopsd_ray.config import ConfigError  # noqa: E402
+from dopsd_ray.recipes import load_config  # noqa: E402
 
 TINY = ROOT / "configs" / "tiny.yaml"
 FAMILIES = {

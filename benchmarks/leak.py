@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from dopsd_ray.algorithms.dopsd import dopsd_step  # noqa: E402
 from dopsd_ray.algorithms.steps import Batch, colocated_loss, velocity_fn  # noqa: E402
-from dopsd_ray.config import TOY_BASE_DIR, load_config  # noqa: E402
+from dopsd_ray.recipes import load_config  # noqa: E402
+from dopsd_ray.families.toy import TOY_BASE_DIR  # noqa: E402
 from dopsd_ray.evaluation import Settings, expand, sample_kind  # noqa: E402
 from dopsd_ray.families.toy import INFERENCE_STEPS, LORA_TARGETS, ToyContext, ToyFamily  # noqa: E402
 from dopsd_ray.toy.concept import Concept, write_concept_dataset  # noqa: E402

@@ -33,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dopsd_ray.config import TOY_BASE_DIR, load_config  # noqa: E402
+from dopsd_ray.recipes import load_config  # noqa: E402
+from dopsd_ray.families.toy import TOY_BASE_DIR  # noqa: E402
 from dopsd_ray.evaluation import BASE  # noqa: E402
 from dopsd_ray.toy.concept import Concept, write_concept_dataset  # noqa: E402
 

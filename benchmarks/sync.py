@@ -25,7 +25,6 @@ share of the learner step are measured in the same rounds by benchmarks/ab.py.
 """
 
 import argparse
-import json
 import os
 import socket
 import statistics

@@ -49,7 +49,7 @@ def train_loop(config: dict) -> None:
 
     from benchmarks.bench_model import make_transformer
     from benchmarks.bench_model import count_rank_memory
-    from dopsd_ray.config import load_config
+    from dopsd_ray.recipes import load_config
     from dopsd_ray.families.zimage import LORA_TARGETS
     from dopsd_ray.learner import deepspeed_config
     from dopsd_ray.weights import make_weights

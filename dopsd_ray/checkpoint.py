@@ -27,7 +27,6 @@ the last good checkpoint:
 """
 
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -39,11 +38,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .storage import PARTIAL, write_atomic
+
 # weights.STUDENT and weights.TEACHER, spelled here so that writing or checking a checkpoint
 # imports neither peft nor Ray (a writer is a small, fast process)
 STUDENT, TEACHER = "student", "teacher"
 STATE_FILE = "state.json"
-PARTIAL = ".partial"  # suffix of a file still being written; never read
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -71,18 +71,6 @@ def _contiguous(state: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path), then rename tmp_path to path: `path` is complete or absent."""
-    tmp = path.with_name(f".{path.name}{PARTIAL}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_checkpoint_files(directory: str | Path, rank: int, world: int, step: int, counters: dict,
                            optimizer, student: dict | None, teacher: dict | None, ema: dict | None = None) -> Path:
     """Write rank `rank`'s part of the step-`step` checkpoint into `directory` (no Ray needed).
@@ -98,27 +86,26 @@ def write_checkpoint_files(directory: str | Path, rank: int, world: int, step: i
         for name, value in inner.state.get(master, {}).items():
             tensors[f"{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors = _contiguous(tensors)
-    _write_atomic(directory / f"optimizer_rank{rank}.safetensors", lambda p: save_file(tensors, str(p)))
+    write_atomic(directory / f"optimizer_rank{rank}.safetensors", lambda p: save_file(tensors, str(p)))
     if ema:
         shadow = _contiguous(ema)
-        _write_atomic(directory / f"ema_rank{rank}.safetensors", lambda p: save_file(shadow, str(p)))
+        write_atomic(directory / f"ema_rank{rank}.safetensors", lambda p: save_file(shadow, str(p)))
     if rank == 0:
         for name, state in ((STUDENT, _contiguous(student)), (TEACHER, _contiguous(teacher))):
-            _write_atomic(directory / f"{name}.safetensors", lambda p, s=state: save_file(s, str(p)))
+            write_atomic(directory / f"{name}.safetensors", lambda p, s=state: save_file(s, str(p)))
         meta = {"step": step, "counters": counters, "world": world, "files": expected_files(world, bool(ema))}
-        _write_atomic(directory / STATE_FILE, lambda p: p.write_text(json.dumps(meta)))
+        write_atomic(directory / STATE_FILE, lambda p: p.write_text(json.dumps(meta)))
     return directory
 
 
 @contextmanager
-def save_checkpoint(rank: int, world: int, step: int, counters: dict, optimizer,
-                    student: dict | None, teacher: dict | None, ema: dict | None = None):
-    """Write this rank's part into a fresh temp dir and yield it as a ray.train.Checkpoint."""
+def save_checkpoint(write):
+    """write(directory) writes this rank's part into a fresh temp dir, yielded as a ray.train.Checkpoint."""
     from ray.train import Checkpoint  # Ray only where Ray Train needs it: the rest runs anywhere
 
-    tmp = Path(tempfile.mkdtemp(prefix=f"dopsd-ckpt-{step}-"))
+    tmp = Path(tempfile.mkdtemp(prefix="dopsd-ckpt-"))
     try:
-        write_checkpoint_files(tmp, rank, world, step, counters, optimizer, student, teacher, ema)
+        write(tmp)
         yield Checkpoint.from_directory(str(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +119,7 @@ def upload_checkpoint(source: str | Path, destination: str | Path) -> Path:
     files = sorted((p for p in source.iterdir() if p.is_file() and not p.name.endswith(PARTIAL)),
                    key=lambda p: (p.name == STATE_FILE, p.name))
     for f in files:
-        _write_atomic(destination / f.name, lambda p, f=f: shutil.copyfile(f, p))
+        write_atomic(destination / f.name, lambda p, f=f: shutil.copyfile(f, p))
     return destination
 
 

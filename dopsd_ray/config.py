@@ -1,32 +1,17 @@
-"""The one typed configuration schema, with every default in one place.
+"""The one typed configuration schema, with every default in one place: the ground floor,
+importing nothing of the package.
 
-Load a YAML file and apply `section.key=value` overrides from the command line:
-
-    cfg = load_config("configs/zimage_turbo_lora.yaml", ["optim.lr=5e-5", "train.steps=100"])
-
-Unknown keys, wrong types and values outside their allowed range fail at load time,
-with a message naming the field and what is allowed.
+recipes.py loads a YAML recipe with `section.key=value` overrides through it and fills in
+what a model family decides (families.complete: the teacher context, the few-step setting,
+the toy's default paths). Unknown keys, wrong types and values outside their allowed range
+fail at load time, with a message naming the field and what is allowed.
 """
 
-import argparse
 import string
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-# The facts of each model family (its teacher contexts, its few-step setting) live in its
-# file under dopsd_ray/families/, found by name through dopsd_ray.families.family_module.
-# The validators import that lazily: a family's file pulls in torch and diffusers, and a
-# bad name fails before any of that is imported.
-
-# The committed toy base and its concept images (README, "The miniature"): model.path and
-# data.path when a family=toy config sets none.
-TOY_BASE_DIR = Path(__file__).resolve().parents[1] / "models" / "toy"
-TOY_CONCEPT_DIR = Path(__file__).resolve().parents[1] / "data" / "toy_concept"
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"  # what the jobs run with no --config
-
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -34,8 +19,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     family: str = "zimage"  # a name in dopsd_ray/families/__init__.py: zimage, flux2_klein or toy
-    # Hub id or local directory of a diffusers pipeline. With tiny=True a random
-    # tiny pipeline is built under the run's output dir and loaded from there.
+    # Hub id or local directory of a diffusers pipeline (the toy: models/toy by default). With
+    # tiny=True a random tiny pipeline is built under the run's output dir and loaded from there.
     path: str | None = None
     tiny: bool = False
     variant: Literal["4b", "9b"] | None = None  # flux2_klein only
@@ -48,33 +33,10 @@ class ModelConfig(Section):
     vlm_max_pixels: int = Field(768 * 768, ge=16)
     gradient_checkpointing: bool = False
 
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, name: str) -> str:
-        from .families import FAMILIES
-
-        if name not in FAMILIES:
-            raise ValueError(f"unknown model family; known: {', '.join(FAMILIES)}")
-        return name
-
     @model_validator(mode="after")
     def _check(self):
-        from .families import family_module
-
-        if self.path is None and not self.tiny and self.family == "toy":
-            self.path = str(TOY_BASE_DIR)
-        if self.path is None and not self.tiny:
-            raise ValueError("set model.path (a hub id or a local pipeline directory) or model.tiny=true")
         if self.path is not None and self.tiny:
             raise ValueError("set either model.path or model.tiny=true, not both")
-        allowed = family_module(self.family).TEACHER_CONTEXTS
-        if self.teacher_context is None:
-            self.teacher_context = allowed[0]
-        if self.teacher_context not in allowed:
-            raise ValueError(
-                f"model.teacher_context={self.teacher_context!r} is not supported by family "
-                f"{self.family!r}; allowed: {', '.join(allowed)}"
-            )
         if self.variant is not None and self.family != "flux2_klein":
             raise ValueError("model.variant applies to flux2_klein only (4b or 9b)")
         if self.vlm_min_pixels > self.vlm_max_pixels:
@@ -238,10 +200,19 @@ class RuntimeConfig(Section):
     # learner checks them against the snapshot it published for that version.
     debug_check_sync: bool = False
 
+    @property
+    def rollout_workers(self) -> int:
+        """Rollout workers the run starts: runtime.num_rollout_workers when disaggregated, none
+        when colocated (the learners roll out themselves). Everything but the driver's choice
+        of the learners' source reads the mode through this."""
+        return self.num_rollout_workers if self.mode == "disaggregated" else 0
+
     @model_validator(mode="after")
     def _check(self):
         if self.mode == "disaggregated" and self.num_rollout_workers < 1:
             raise ValueError("runtime.mode=disaggregated needs runtime.num_rollout_workers >= 1")
+        if self.teacher_targets == "rollout" and self.mode != "disaggregated":
+            raise ValueError("runtime.teacher_targets=rollout needs runtime.mode=disaggregated")
         if self.max_staleness < self.sync_every - 1:
             raise ValueError(
                 f"runtime.max_staleness={self.max_staleness} < runtime.sync_every - 1 = {self.sync_every - 1}: "
@@ -253,8 +224,6 @@ class RuntimeConfig(Section):
                 f"runtime.replacement_timeout_s={self.replacement_timeout_s:g} > runtime.sync_timeout_s="
                 f"{self.sync_timeout_s:g}: the learner would give up waiting for experiences before a lost rollout "
                 "worker's replacement is due; raise sync_timeout_s or lower replacement_timeout_s")
-        if self.teacher_targets == "rollout" and self.mode != "disaggregated":
-            raise ValueError("runtime.teacher_targets=rollout needs runtime.mode=disaggregated")
         return self
 
 
@@ -297,17 +266,6 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        from .families import family_module
-
-        if self.algorithm.inference_steps is None:
-            self.algorithm.inference_steps = family_module(self.model.family).INFERENCE_STEPS
-        if self.model.family == "toy" and self.data.path is None:
-            self.data.path = str(TOY_CONCEPT_DIR)
-        multiple = family_module(self.model.family).PIXEL_MULTIPLE
-        if self.train.sample_size is not None and self.train.sample_size % multiple:
-            raise ValueError(f"train.sample_size={self.train.sample_size} is not a multiple of {multiple} "
-                             f"(family {self.model.family!r} needs image sides divisible by {multiple}); "
-                             f"use e.g. {max(multiple, self.train.sample_size // multiple * multiple)}")
         if self.algorithm.name == "sft" and self.runtime.teacher_targets == "rollout":
             raise ValueError("runtime.teacher_targets=rollout has no meaning for algorithm.name=sft")
         return self
@@ -321,7 +279,7 @@ class ConfigError(ValueError):
     """A configuration problem, with the offending field named."""
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
@@ -330,48 +288,6 @@ def _format_errors(err: ValidationError) -> str:
             msg = "unknown key (check the spelling; see dopsd_ray/config.py for the schema)"
         lines.append(f"  {where}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e["input"], dict) else ""))
     return "invalid configuration:\n" + "\n".join(lines)
-
-
-def _apply_override(tree: dict, override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. optim.lr=1e-4")
-    dotted, raw = override.split("=", 1)
-    keys = dotted.strip().split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {k!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (recipes live in configs/)")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
-    for o in overrides:
-        _apply_override(tree, o)
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
-
-
-def config_from_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
-    """The jobs' command line: adds --config and the section.key=value overrides to `parser`,
-    parses `argv` and loads the config. A bad one exits 2 with one `error:` line naming the field."""
-    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe (default: configs/toy.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    try:
-        return args, load_config(args.config, args.overrides)
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

@@ -36,7 +36,6 @@ import hashlib
 import itertools
 import importlib.metadata
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, fields
@@ -46,9 +45,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import Config
 from .data.stream import collate
-from .families import family_module, load_family
+from .families import family_module
+from .storage import write_atomic
+from . import process
 from .families import vlm as vlm_module
 
 KINDS = ("student", "teacher", "latent")
@@ -69,6 +69,10 @@ class ContextCache:
     entries: int = 0  # student + teacher contexts of the data
     computed: int = 0  # of them, computed by this fill (the others were there)
     seconds: float = 0.0
+
+    def wrap(self, family) -> "CachedContexts":
+        """`family` reading its contexts from here (cached_contexts)."""
+        return cached_contexts(family, self)
 
 
 class ContextCacheMiss(LookupError):
@@ -154,7 +158,7 @@ def open_root(root: Path, parts: dict[str, str], files: dict, old: dict | None) 
             shutil.rmtree(root / kind, ignore_errors=True)
     for kind in KINDS:
         (root / kind).mkdir(parents=True, exist_ok=True)
-    atomic_write(root / "fingerprint.json", lambda tmp: tmp.write_text(
+    write_atomic(root / "fingerprint.json", lambda tmp: tmp.write_text(
         json.dumps({"fingerprint": fingerprint, "parts": parts, "files": files}, indent=1)))
     return fingerprint
 
@@ -170,13 +174,6 @@ def entry_path(root: str | Path, fingerprint: str, kind: str, caption: str, imag
         digest.update(f"\0{tuple(image.shape)}\0{image.dtype}\0".encode())
         digest.update(image.view(torch.uint8).numpy())
     return Path(root) / kind / f"{digest.hexdigest()}.safetensors"
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp) then rename: readers on other processes or nodes see the whole file or none."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def split_context(context) -> list[tuple[dict[str, torch.Tensor], dict[str, str]]]:
@@ -208,7 +205,7 @@ def join_contexts(module, items: list[tuple[dict[str, torch.Tensor], dict[str, s
 
 
 def write_entry(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -229,9 +226,7 @@ def fill_context_cache(config: dict, model_path: str, data, root: str, prompts: 
     The family (encoders on this task's GPU, the transformer left on the CPU) loads only
     if something is missing. Entries no row of `data` needs are deleted.
     """
-    cfg = Config.model_validate(config)
-    if cfg.runtime.torch_threads:
-        torch.set_num_threads(cfg.runtime.torch_threads)
+    cfg = process.begin(config)
     start, root = time.perf_counter(), Path(root)
     old = read_record(root)
     parts, files = fingerprint_parts(cfg.model, model_path, old["files"] if old else {})
@@ -250,8 +245,7 @@ def fill_context_cache(config: dict, model_path: str, data, root: str, prompts: 
             if path.is_file():
                 continue
             if family is None:
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-                family = load_family(cfg.model, model_path, device=device, transformer_device="cpu")
+                family = process.load(cfg, model_path, process.device(), transformer_device="cpu")
             if kind == "latent":
                 write_entry(path, {"x0": family.encode_images(image[None].to(family.device))[0].cpu()}, {})
             else:

@@ -40,13 +40,13 @@ from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .evaluation_job import evaluate_run
 from .families import base_model_path
 from .jobenv import in_ray_job, init_ray, output_dir
-from .learner import LearnerInputs, train_loop_per_worker
+from .learner import ExperienceQueue, LearnerInputs, Snapshots, train_loop_per_worker
 from .nodes import RolloutWatch, RolloutWorkersLost, on_driver_node
 from .preview import validation_set
 from .preflight import check_resources, preflight
 from .progress import ProgressPrinter
 from .rollout import RolloutWorker
-from .stop import STOP_WAIT_ENV, RunStopped, StopFlag, StopSignals, fit, stop_wait_note
+from .stop import STOP_WAIT_ENV, RunStopped, StopFlag, StopSignals, StopWatch, fit, stop_wait_note
 from .sync.collective import CollectivePublisher
 from .sync.object_store import StorePublisher, WeightStore
 from .tracking import MlflowRun, tracking_uri
@@ -119,22 +119,23 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
         mlflow.log_metrics({"contexts/entries": contexts.entries, "contexts/computed": contexts.computed,
                             "contexts/fill_seconds": contexts.seconds}, step=0)
 
-    # 2. rollout workers (disaggregated modes)
-    inputs = LearnerInputs(cfg.model_dump(mode="json"), model_path, validation, (tracking_uri(cfg), mlflow.run_id),
-                           contexts=contexts)
+    # 2. the one place the run's mode is chosen: where the learners' micro-batches come from
+    #    (the data stream, or rollout workers' experiences), and whom they publish snapshots to
+    inputs = LearnerInputs(cfg.model_dump(mode="json"), model_path, validation=validation,
+                           tracking=(tracking_uri(cfg), mlflow.run_id), contexts=contexts)
     workers, runs, datasets, watch = [], [], {"train": dataset}, None
     if rt.mode == "disaggregated":
-        workers, runs, inputs.weight_sync, queue = start_rollout(cfg, model_path, dataset, contexts)
-        inputs.experience_queue = queue
-        datasets = {}
+        workers, runs, publisher, queue = start_rollout(cfg, model_path, dataset, contexts)
+        inputs.source, inputs.snapshots, datasets = ExperienceQueue(queue), Snapshots(publisher), {}
         # a worker that stays unreachable (its node lost, none to replace it) stops the learners
         watch = RolloutWatch(workers, queue, rt.num_learners, rt.rollout_resources, rt.replacement_timeout_s)
         watch.start()
 
     # 3. learner (rank 0 reports every step's progress into a queue the driver draws from,
-    #    and asks the stop flag before every step)
+    #    and watches the stop flag)
     inputs.progress = Queue(actor_options=on_driver_node())
-    inputs.stop = ray.remote(StopFlag).options(**on_driver_node()).remote()
+    stop_flag = ray.remote(StopFlag).options(**on_driver_node()).remote()
+    inputs.stop = StopWatch(stop_flag)
     use_gpu = rt.learner_resources.get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -153,7 +154,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
     printer.start()
     start = time.perf_counter()
     try:
-        result = fit(trainer, signals, inputs.stop)  # returns early, with a checkpoint, on SIGTERM / SIGINT
+        result = fit(trainer, signals, stop_flag)  # returns early, with a checkpoint, on SIGTERM / SIGINT
     finally:
         printer.stop()
         inputs.progress.shutdown()
@@ -161,7 +162,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
             watch.stop()
         lost = watch.lost_workers if watch is not None else set()
         worker_stats = stop_workers(workers, runs, lost=lost)
-        ray.kill(inputs.stop)
+        ray.kill(stop_flag)
     seconds = time.perf_counter() - start
     learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped", "interrupted", "node_id"}
     if watch is not None and watch.lost:
@@ -206,7 +207,8 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
 
 def start_rollout(cfg: Config, model_path: str, dataset, contexts, worker_class=RolloutWorker) -> tuple:
     """The rollout workers of a disaggregated run, producing: (workers, their `run` refs, the
-    learner's WeightPublisher, the experience queue). benchmarks/ab.py passes a subclass."""
+    learner's WeightPublisher, the experience queue). `worker_class`: RolloutWorker or a
+    subclass of it (benchmarks/ab.py's reads its statistics)."""
     rt = cfg.runtime
     queue = Queue(maxsize=rt.buffer_size, actor_options=on_driver_node())
     # a killed worker process is restarted, and its `run` task retried on the new one; four

@@ -32,15 +32,14 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from PIL import Image
 
+from . import process
 from .config import Config
 from .data.shards import list_sources, load_row
 from .embeddings import Embedder, FrechetDistance, PromptAlignment, ReferenceSimilarity, check_weights_path
 from .evaluation import Evaluation, Prompt, Settings, evaluate, load_prompts, markdown_table, preview_grids
 from .exports import export_problem
-from .families import load_family
 
 MAX_REFERENCES = 64  # training images read as references
 MAX_TRAIN_PROMPTS = 16  # training captions sampled when no prompt file is given
@@ -154,11 +153,11 @@ def run(cfg: Config, model_path: str, exports: dict[str, str | Path], out: str |
         problem = export_problem(path)
         if problem:
             raise ValueError(problem)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = process.device()
     metrics = weight_metrics(cfg, device)
     if cfg.model.family == "toy":
         metrics.append(toy_metric(cfg, model_path, prompts))
-    family = load_family(cfg.model, model_path, device)
+    family = process.load(cfg, model_path, device)
     result = evaluate(family, exports, prompts, settings_for(cfg, family.pixel_multiple), metrics, log)
     write(result, Path(out), {"base": model_path, **{k: str(v) for k, v in exports.items()}})
     if sink is not None:
@@ -193,7 +192,5 @@ def log_results(sink, result: Evaluation, out: str | Path, step: int = 0) -> Non
 
 def evaluate_run(config: dict, model_path: str, exports: dict[str, str], out: str, sink=None, step: int = 0) -> dict:
     """run() from a config dict, returning the summary: what the driver's eval.at_end task runs."""
-    cfg = Config.model_validate(config)
-    if cfg.runtime.torch_threads:
-        torch.set_num_threads(cfg.runtime.torch_threads)
+    cfg = process.begin(config)
     return run(cfg, model_path, exports, out, sink, step).summary()

@@ -244,7 +244,7 @@ def plan(cfg: Config, c: Counts, gpu_memory_gb: float | None = None, advise: boo
         (f"activations ESTIMATE ({on} ckpt)", act, f"{off} gradient checkpointing: {other / GIB:.2f} GiB"
          " (formula: plan.activation_bytes)")]}
     teacher_on_rollout = rt.teacher_targets == "rollout"
-    if rt.mode == "disaggregated":
+    if rt.rollout_workers:
         worker = [("transformer (student)", (c.frozen + sum(c.trainable) if lora else sum(c.trainable)) * b, "no optimizer")]
         if teacher_on_rollout:
             worker.append(("teacher " + ("LoRA adapter" if lora else "copy"), sum(c.teacher) * b, "teacher_targets=rollout"))

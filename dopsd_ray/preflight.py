@@ -59,7 +59,7 @@ def check_placement(cfg: Config) -> None:
     """Recipes every cluster could place but that would run badly or not at all: refused from
     the recipe alone, wherever Ray would run."""
     rt = cfg.runtime
-    if rt.mode != "disaggregated":  # colocated: the learners roll out themselves, no second placement
+    if not rt.rollout_workers:  # colocated: the learners roll out themselves, no second placement
         return
     learner_gpu = rt.learner_resources.get("GPU", 0)
     rollout_gpu = rt.rollout_resources.get("GPU", 0)
@@ -95,7 +95,7 @@ def needed_resources(cfg: Config) -> dict[str, float]:
     rt = cfg.runtime
     need: dict[str, float] = {}
     for res, n in ((rt.learner_resources, rt.num_learners),
-                   (rt.rollout_resources, rt.num_rollout_workers if rt.mode == "disaggregated" else 0)):
+                   (rt.rollout_resources, rt.rollout_workers)):
         for k, v in res.items():
             need[k] = need.get(k, 0) + v * n
     # Ray Data decodes images in tasks of its own: leave it at least one CPU, or the stream starves
@@ -129,8 +129,8 @@ def check_resources(cfg: Config, total: dict[str, float] | None = None, where: s
         if total.get(k, 0) < v:
             raise ConfigError(
                 f"runtime: {rt.num_learners} learner(s) x {rt.learner_resources}"
-                + (f", {rt.num_rollout_workers} rollout worker(s) x {rt.rollout_resources}"
-                   if rt.mode == "disaggregated" else "")
+                + (f", {rt.rollout_workers} rollout worker(s) x {rt.rollout_resources}"
+                   if rt.rollout_workers else "")
                 + f" and the data stream (1 CPU) need {v:g} {k} but {where} has {total.get(k, 0):g}; lower "
                 "runtime.num_learners / runtime.num_rollout_workers or their *_resources, or add nodes")
 

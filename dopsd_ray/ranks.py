@@ -37,9 +37,10 @@ class LearnerRanks:
         dist.broadcast(t, src=0)
         return int(t.item())
 
-    def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sums over the ranks (float64: step statistics and counts)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def sum(self, values: list) -> list[float]:
+        """Element-wise sums over the ranks of numbers, bools or one-element tensors (float64:
+        step statistics, counts and flags): one collective, one host sync."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.device).reshape(()) for v in values])
         if self.world > 1:
             dist.all_reduce(t)
         return t.tolist()

@@ -43,15 +43,14 @@ import threading
 import time
 
 import ray
-import torch
 from ray.util.queue import Full
 
 from .algorithms.schedules import training_sigmas
 from .algorithms.steps import Batch, RolloutRestart, make_experience
-from .config import Config
-from .contexts import ContextCache, cached_contexts
+from . import process
+from .contexts import ContextCache
 from .data.stream import iter_batches
-from .families import lora_targets, load_family
+from .families import lora_targets
 from .sync.buckets import weights_digest
 from .sync.collective import CollectiveReceiver
 from .families.base import Family
@@ -72,16 +71,11 @@ class RolloutWorker:
     weights: Weights
 
     def __init__(self, config: dict, model_path: str, index: int, contexts: ContextCache | None = None):
-        self.cfg = Config.model_validate(config)
-        if self.cfg.runtime.torch_threads:
-            torch.set_num_threads(self.cfg.runtime.torch_threads)
+        self.cfg = process.begin(config)
         self.index = index
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.manual_seed(self.cfg.train.seed)
-        self.family = load_family(self.cfg.model, model_path, device=device)
+        # data.cache_contexts: contexts are read, the encoders leave the GPU
+        self.family = process.load(self.cfg, model_path, process.device(), contexts)
         self.contexts = contexts
-        if contexts is not None:  # data.cache_contexts: contexts are read, the encoders leave the GPU
-            self.family = cached_contexts(self.family, contexts)
         self.weights = make_weights(self.family.transformer, self.cfg.lora, lora_targets(self.cfg.model.family),
                                     with_teacher=self.cfg.runtime.teacher_targets == "rollout")
         self.weights.module.requires_grad_(False)

@@ -1,12 +1,12 @@
 """A clean stop: SIGTERM or SIGINT to the driver (`kill`, Ctrl-C, `ray job stop`).
 
     with StopSignals() as signals:        the driver, around the whole run
-        flag = ray.remote(StopFlag)...    the learners' end: rank 0 asks it every step
+        flag = ray.remote(StopFlag)...    the learners' end: StopWatch(flag), rank 0 asks it every step
         result = fit(trainer, signals, flag)
 
 The first signal only records itself: `fit` (the driver's main thread, polling) passes it on
-to the StopFlag actor, learner rank 0 reads the flag before every step and tells the other
-ranks, and every rank then checkpoints the current step through the normal path (unless the
+to the StopFlag actor, learner rank 0 sees it (StopWatch) and the step's agreement tells the
+other ranks, and every rank then checkpoints the current step through the normal path (unless the
 last checkpoint is that step) and returns. The driver stops the rollout workers, ends the
 MLflow run KILLED and raises RunStopped; jobs/train.py exits 128 + the signal's number.
 A second signal stops the driver at once (KeyboardInterrupt), without that checkpoint.
@@ -24,6 +24,7 @@ handler with its own, which aborts the run (no checkpoint).
 import os
 import signal
 import threading
+import time
 
 import ray
 
@@ -53,6 +54,34 @@ class StopFlag:
     def get(self) -> int:
         """0, or the number of the signal that asked for the stop."""
         return self.signum
+
+
+class StopWatch:
+    """The learners' end of a StopFlag actor: learner rank 0 asks requested() every step, and a
+    thread beside it polls the actor every `poll_s`, so a step never waits on a call to the
+    driver's node. (The thread starts on the first question, in the process that asks.)"""
+
+    def __init__(self, flag, poll_s: float = 0.5):
+        self.flag, self.poll_s = flag, poll_s
+        self._asked: threading.Event | None = None
+
+    def requested(self) -> bool:
+        if self._asked is None:
+            self._asked = threading.Event()
+            threading.Thread(target=self._poll, name="stop-watch", daemon=True).start()
+        return self._asked.is_set()
+
+    def _poll(self) -> None:
+        while not self._asked.is_set():
+            try:
+                if ray.get(self.flag.get.remote()) != 0:
+                    self._asked.set()
+            except ray.exceptions.RayError:  # the driver is gone: Ray Train ends this worker too
+                return
+            time.sleep(self.poll_s)
+
+    def __reduce__(self):
+        return (StopWatch, (self.flag, self.poll_s))
 
 
 class StopSignals:

@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from .config import Config, flatten
+from .storage import write_atomic
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 NONFINITE_METRIC = "tracking/skipped_nonfinite_metrics"
@@ -47,6 +48,8 @@ class MetricSink(Protocol):
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
 
+    def set_tag(self, key: str, value: Any) -> None: ...
+
 
 class ListSink:
     """A MetricSink that keeps everything in memory (for unit tests of code that logs)."""
@@ -55,6 +58,7 @@ class ListSink:
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self.images: dict[str, Any] = {}
         self.artifacts: list[tuple[str, str | None]] = []
+        self.tags: dict[str, str] = {}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.metrics.append((step, dict(metrics)))
@@ -64,6 +68,9 @@ class ListSink:
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.artifacts.append((str(path), artifact_path))
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.tags[key] = str(value)
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -108,12 +115,6 @@ def _params(cfg: Config) -> list[Param]:
             text = text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
         params.append(Param(key[:MAX_ENTITY_KEY_LENGTH], text))
     return params
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _existing_run_id(client: MlflowClient, run_id_file: Path) -> str | None:
@@ -178,7 +179,7 @@ class MlflowRun:
         params = _params(cfg)
         for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
             client.log_batch(run_id, params=params[i : i + MAX_PARAMS_TAGS_PER_BATCH])
-        _write_atomic(run_id_file, run_id + "\n")
+        write_atomic(run_id_file, run_id + "\n")
         return cls(uri, run_id)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, e.g. under `ray job submit`
 
-from dopsd_ray.config import DEFAULT_RECIPE, ConfigError, load_config  # noqa: E402
+from dopsd_ray.config import ConfigError  # noqa: E402
+from dopsd_ray.recipes import DEFAULT_RECIPE, load_config  # noqa: E402
 
 
 def export_names(paths: list[str]) -> dict[str, str]:

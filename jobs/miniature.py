@@ -33,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dopsd_ray.config import TOY_BASE_DIR, load_config  # noqa: E402
+from dopsd_ray.recipes import load_config  # noqa: E402
+from dopsd_ray.families.toy import TOY_BASE_DIR  # noqa: E402
 from dopsd_ray.evaluation import BASE, markdown_table  # noqa: E402
 from dopsd_ray import evaluation_job  # noqa: E402
 from dopsd_ray.families.toy import INFERENCE_STEPS, ToyFamily  # noqa: E402

@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from dopsd_ray.config import ConfigError, config_from_cli  # noqa: E402
+from dopsd_ray.config import ConfigError  # noqa: E402
+from dopsd_ray.recipes import config_from_cli  # noqa: E402
 
 
 def main(argv=None) -> int:

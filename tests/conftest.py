@@ -46,31 +46,13 @@ def local_ray():
 
 @pytest.fixture(scope="session")
 def deepspeed_world1():
-    """A one-rank gloo default group in this process, for real DeepSpeed engines without Ray.
+    """A one-rank gloo default group in this process, for real DeepSpeed engines without Ray (the
+    one a LocalContext learner makes, if it came first). One per session: DeepSpeed caches the
+    groups it was initialised with, so a group torn down and made again would leave it holding
+    the old one ("Group ... is not registered")."""
+    from dopsd_ray.learner.context import one_rank_group
 
-    One per session: DeepSpeed caches the groups it was initialised with, so a group torn
-    down and made again would leave it holding the old one ("Group ... is not registered")."""
-    import os
-    import socket
-
-    import deepspeed
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    one_rank_group(torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from dopsd_ray.algorithms.lr_schedule import lr_at
 from dopsd_ray.algorithms.schedules import RECIPE_4STEP, training_sigmas
 from dopsd_ray.algorithms.steps import Batch, colocated_loss, experience_loss, make_experience, velocity_fn
 from dopsd_ray.config import AlgorithmConfig, LoraSettings, ModelConfig, OptimConfig
-from dopsd_ray.families import load_family
+from dopsd_ray.families import complete_model, load_family
 from dopsd_ray.families.zimage import LORA_TARGETS
 from dopsd_ray.weights import TEACHER, EmaTeacher, FullWeights, LoraWeights, make_weights, state_dict
 
@@ -27,8 +27,8 @@ def tiny_dir(tiny_zimage_dir):
 
 
 def model_cfg(tiny_dir):
-    return ModelConfig(path=str(tiny_dir), max_sequence_length=64, teacher_max_sequence_length=128,
-                       vlm_min_pixels=32 * 32, vlm_max_pixels=64 * 64)
+    return complete_model(ModelConfig(path=str(tiny_dir), max_sequence_length=64, teacher_max_sequence_length=128,
+                                      vlm_min_pixels=32 * 32, vlm_max_pixels=64 * 64))
 
 
 @pytest.fixture
@@ -329,8 +329,8 @@ def test_bad_inputs_fail_clearly(family, tiny_dir):
     with pytest.raises(ValueError, match="multiple"):
         family.check_images(torch.zeros(1, 3, H + 8, W))
     cfg = model_cfg(tiny_dir)
-    with pytest.raises(Exception, match="family"):
-        ModelConfig.model_validate({**cfg.model_dump(), "family": "sdxl"})
+    with pytest.raises(ValueError, match=r"model.family: unknown model family; known: .* \(got 'sdxl'\)"):
+        complete_model(ModelConfig.model_validate({**cfg.model_dump(), "family": "sdxl"}))
 
 
 def test_full_finetuning_exports_a_transformer_folder_from_pretrained_loads(family, tmp_path):

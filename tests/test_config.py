@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from dopsd_ray.config import ConfigError, flatten, load_config
+from dopsd_ray.config import ConfigError, flatten
+from dopsd_ray.recipes import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,7 @@ def test_a_family_is_picked_in_one_place(tmp_path):
 
 def test_an_unknown_family_fails_before_torch_is_imported():
     """Config validation imports a family's module (torch, diffusers) only for a known name."""
-    code = ("import sys\nfrom dopsd_ray.config import ConfigError, load_config\n"
+    code = ("import sys\nfrom dopsd_ray.config import ConfigError\nfrom dopsd_ray.recipes import load_config\n"
             "try:\n    load_config(None, ['model.family=nope'])\nexcept ConfigError as err:\n    print(err)\n"
             "print('torch imported:', 'torch' in sys.modules)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

@@ -13,7 +13,7 @@ import torch
 
 from dopsd_ray.algorithms.schedules import training_sigmas
 from dopsd_ray.algorithms.steps import Batch, colocated_loss
-from dopsd_ray.config import load_config
+from dopsd_ray.recipes import load_config
 from dopsd_ray.contexts import (
     CONTEXT_SETTINGS, CachedContexts, ContextCacheMiss, cached_contexts, entry_path, fill_context_cache,
     fingerprint_parts,

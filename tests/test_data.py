@@ -26,7 +26,8 @@ import re
 import torch
 from PIL import Image
 
-from dopsd_ray.config import ConfigError, load_config
+from dopsd_ray.config import ConfigError
+from dopsd_ray.recipes import load_config
 from dopsd_ray.data.bundled import write_bundled
 from dopsd_ray.data.shards import SCHEMA, list_sources, load_row, open_image, prepare_shards
 from dopsd_ray.preflight import check_paths

@@ -15,7 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from dopsd_ray.config import TOY_BASE_DIR, TOY_CONCEPT_DIR, load_config
+from dopsd_ray.recipes import load_config
+from dopsd_ray.families.toy import TOY_BASE_DIR, TOY_CONCEPT_DIR
 from dopsd_ray.embeddings import Embedder, PromptAlignment, ReferenceSimilarity, frechet_distance
 from dopsd_ray.evaluation import (
     BASE, NOISE_STREAM, PSNR_CAP, Samples, high_frequency_energy, load_prompts, mse, psnr, ssim,

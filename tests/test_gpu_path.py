@@ -21,7 +21,7 @@ import torch
 
 from dopsd_ray.algorithms.steps import Batch
 from dopsd_ray.checkpoint import check_checkpoint, load_checkpoint, write_checkpoint_files
-from dopsd_ray.config import load_config
+from dopsd_ray.recipes import load_config
 from dopsd_ray.families import build_tiny, load_family, lora_targets
 from dopsd_ray.learner import deepspeed_config
 from dopsd_ray.preview import student_samples, teacher_samples, validation_set

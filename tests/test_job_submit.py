@@ -370,7 +370,7 @@ def test_two_jobs_at_once_keep_apart_and_relative_outputs_outlive_them(ray_head)
 
 LOCAL_RUN = """
 import json, sys
-from dopsd_ray.config import load_config
+from dopsd_ray.recipes import load_config
 from dopsd_ray.driver import train
 from dopsd_ray.jobenv import init_ray
 

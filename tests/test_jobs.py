@@ -147,7 +147,7 @@ def test_preview_teacher_errors_name_the_problem(tmp_path):
 def test_build_toy_base_writes_a_loadable_base(tmp_path):
     """jobs/build_toy_base.py at a few seconds per stage, with the committed evaluator (it is
     reused when the output folder has one; training one takes minutes)."""
-    from dopsd_ray.config import TOY_BASE_DIR
+    from dopsd_ray.families.toy import TOY_BASE_DIR
     from dopsd_ray.families.toy import ToyFamily
 
     out = tmp_path / "toy"

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from cluster import LEARNER, ROLLOUT
 from dopsd_ray.checkpoint import checkpoint_dir_name
-from dopsd_ray.config import load_config
+from dopsd_ray.recipes import load_config
 from dopsd_ray.driver import train
 from dopsd_ray.nodes import RolloutWorkersLost
 from test_reliability import metric_steps, registered_checkpoint_step

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dopsd_ray.config import ConfigError, load_config
+from dopsd_ray.config import ConfigError
+from dopsd_ray.recipes import load_config
 from dopsd_ray.plan import CONFIG_DIR, build_meta, count, count_transformer, partition
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from test_config import run_train_main  # jobs/train.py's main(args), and whether Ray started
 
-from dopsd_ray.config import ConfigError, load_config
+from dopsd_ray.config import ConfigError
+from dopsd_ray.recipes import load_config
 from dopsd_ray.preflight import check_placement, preflight
 
 ROOT = Path(__file__).resolve().parents[1]

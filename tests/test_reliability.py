@@ -36,10 +36,10 @@ from dopsd_ray.checkpoint import (
     usable_checkpoint, write_checkpoint_files,
 )
 from dopsd_ray.algorithms.steps import Experience
-from dopsd_ray.config import load_config
+from dopsd_ray.recipes import load_config
 from dopsd_ray.driver import train
 from dopsd_ray.families import pipeline_class
-from dopsd_ray.learner import Learner, LearnerInputs
+from dopsd_ray.learner import ExperienceQueue
 from dopsd_ray.weights import FullWeights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,15 +234,15 @@ def test_a_restarted_learner_never_trains_on_a_dead_learners_snapshots(out):
     """After a restart the new learner re-uses step numbers the dead one published; its own
     generation tells its snapshots apart: an experience made with the dead learner's weights
     is dropped (and counted) whatever its version, one of its own within max_staleness is
-    trained on. A real Learner reading a real queue."""
+    trained on. The learner's real source reading a real queue."""
     cfg = config(out, "generations", "runtime.mode=disaggregated", "runtime.max_staleness=1", steps=1)
-    learner = Learner(LearnerInputs(cfg.model_dump(), None, experience_queue=queue.Queue()))
-    learner.step, learner.generation, learner.device = 6, 2, torch.device("cpu")  # what setup() would set
+    experiences = queue.Queue()
+    source = ExperienceQueue(experiences).open(cfg, 0, torch.device("cpu"), None, None, 6, generation=2,
+                                               counters={})  # what setup() passes at step 6, generation 2
     made = [(6, 1), (5, 1), (7, 2), (4, 2), (6, 2), (5, 2)]  # (version, generation); generation 1 is dead
     for version, generation in made:
-        learner.queue.put(Experience([f"{version}/{generation}"], version, "sft", None, generation=generation))
-    batches = learner.batches()
-    assert [(e.ids, d) for e, _, d in (next(batches), next(batches))] == [(["6/2"], 4), (["5/2"], 0)]
+        experiences.put(Experience([f"{version}/{generation}"], version, "sft", None, generation=generation))
+    assert [(f.item.ids, f.dropped) for f in (source.fetch(6), source.fetch(6))] == [(["6/2"], 4), (["5/2"], 0)]
 
 
 # -- a rollout worker dies under the collective transport -------------------------------------
@@ -424,9 +424,9 @@ def learner_step(engine, zero_stage: int, *micro_losses) -> bool:
     from dopsd_ray.learner import backward_micro, finish_step
     from dopsd_ray.ranks import LearnerRanks
 
-    ranks, finite = LearnerRanks(0, 1, "cpu"), True
+    ranks, finite = LearnerRanks(0, 1, "cpu"), torch.tensor(True)
     for i, loss in enumerate(micro_losses):
-        finite = backward_micro(engine, loss(), ranks, last=i == len(micro_losses) - 1) and finite
+        finite = backward_micro(engine, loss(), last=i == len(micro_losses) - 1) & finite
     return finish_step(engine, ranks, zero_stage, finite)
 
 
@@ -496,7 +496,7 @@ def test_gradient_accumulation_equals_one_larger_batch_and_a_bad_micro_batch_ski
 TWO_RANKS = """
 import json, math, os, sys
 import deepspeed, torch
-from dopsd_ray.config import load_config
+from dopsd_ray.recipes import load_config
 from dopsd_ray.learner import backward_micro, deepspeed_config, finish_step
 from dopsd_ray.ranks import LearnerRanks
 from dopsd_ray.sync.buckets import gather_zero3_buckets
@@ -516,12 +516,12 @@ def weights():
             for k, v in b.items()}
 
 def step(bad_rank):
-    finite = True
+    finite = torch.tensor(True)
     for micro in range(2):
         loss = (engine(torch.ones(1, 4)) - 1).pow(2).mean()
         if rank == bad_rank and micro == 1:
             loss = loss + math.inf  # this rank's second micro-batch: a non-finite loss, finite gradients
-        finite = backward_micro(engine, loss, ranks, last=micro == 1) and finite
+        finite = backward_micro(engine, loss, last=micro == 1) & finite
     return finish_step(engine, ranks, 3, finite)
 
 before = weights()

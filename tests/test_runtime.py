@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dopsd_ray.checkpoint import checkpoint_dir_name
-from dopsd_ray.config import load_config
+from dopsd_ray.recipes import load_config
 from dopsd_ray.driver import train
 
 ROOT = Path(__file__).resolve().parents[1]

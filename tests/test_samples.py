@@ -1,5 +1,5 @@
 """Sample grids and intermediate exports, in process: the learner's own methods on a tiny
-Z-Image (no Ray, no DeepSpeed: one rank, plain modules). The same paths run end to end in
+Z-Image (no Ray: one rank, LocalContext, DeepSpeed at stage 0). The same paths run end to end in
 tests/test_runtime.py::test_colocated_dopsd_logs_metrics_grid_and_exports."""
 
 import math
@@ -9,16 +9,15 @@ import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 from PIL import Image
-from safetensors.torch import load_file
 
-from dopsd_ray.config import ConfigError, load_config
-from dopsd_ray.families import load_family, lora_targets
+from dopsd_ray.config import ConfigError
+from dopsd_ray.recipes import load_config
 from dopsd_ray.grid import EMPTY, MIN_CELL, PAD
 from dopsd_ray.learner import Learner, LearnerInputs
+from dopsd_ray.learner.context import LocalContext
 from dopsd_ray.preview import BASE_FILE, load_base, validation_set
-from dopsd_ray.ranks import LearnerRanks
 from dopsd_ray.tracking import ListSink
-from dopsd_ray.weights import STUDENT, make_weights, state_dict
+from dopsd_ray.weights import STUDENT, state_dict
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 PAIRS = (["a red circle on a blue background", "a green square"],
@@ -40,14 +39,11 @@ def is_empty(cell: Image.Image) -> bool:
 
 
 def bare_learner(tmp_path, model_dir, *overrides, pairs=PAIRS) -> Learner:
-    """A rank-0 learner of one, set up by hand where Learner.setup would use Ray Train and DeepSpeed."""
-    cfg = load_config(TINY, [f"train.output_dir={tmp_path}", *overrides])
-    learner = Learner(LearnerInputs(cfg.model_dump(mode="json"), str(model_dir), validation_set(cfg, pairs)))
-    learner.rank, learner.world, learner.ranks = 0, 1, LearnerRanks(0, 1, "cpu")
-    learner.family = load_family(cfg.model, str(model_dir))
-    learner.weights = make_weights(learner.family.transformer, cfg.lora, lora_targets(cfg.model.family))
-    learner.mlflow = ListSink()
-    return learner
+    """A rank-0 learner of one in this process (no Ray), logging into a ListSink."""
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}", "runtime.zero_stage=0", *overrides])
+    inputs = LearnerInputs(cfg.model_dump(mode="json"), str(model_dir), validation=validation_set(cfg, pairs),
+                           tracking=ListSink())
+    return Learner(inputs, LocalContext(tmp_path / "checkpoints", {"train": []})).setup()
 
 
 def test_columns_seeds_and_sizes(tmp_path):
@@ -77,7 +73,7 @@ def test_lora_base_row_is_the_step0_student_and_a_resumed_run_gets_it_back(tmp_p
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 0.05)
     learner.log_samples()
-    assert [a for _, a in learner.mlflow.artifacts] == ["samples", "samples"]
+    assert [a for _, a in learner.reporter.mlflow.artifacts] == ["samples", "samples"]
     grids = [grid_cells(samples / f"step_{s:06d}.png", 4, 4, 64) for s in (0, 2)]
     for rows in grids:  # teacher and training image cells in the training-pair columns only
         assert [[is_empty(c) for c in row] for row in rows[2:]] == [[True, True, False, False]] * 2
@@ -111,9 +107,9 @@ def test_full_finetuning_exports_every_step_folder_and_resumes_without_a_base_ro
     now = state_dict(learner.weights)
     assert all(torch.equal(loaded["step_000004"][k], now[k]) and torch.equal(loaded["."][k], now[k]) for k in now)
     assert any(not torch.equal(loaded["step_000002"][k], now[k]) for k in now)
-    logged = sorted({a for _, a in learner.mlflow.artifacts})
+    logged = sorted({a for _, a in learner.reporter.mlflow.artifacts})
     assert logged == ["export", "export/step_000002", "export/step_000004"]
-    assert all(not p.endswith("step_000002") for p, a in learner.mlflow.artifacts if a == "export")  # files only
+    assert all(not p.endswith("step_000002") for p, a in learner.reporter.mlflow.artifacts if a == "export")  # files only
 
     assert learner.resumed_base() is None  # no base file, no base weights
     assert "no base row" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dopsd_ray.config import TOY_BASE_DIR
+from dopsd_ray.families.toy import TOY_BASE_DIR
 from dopsd_ray.families.toy import INFERENCE_STEPS, LORA_TARGETS, ToyFamily, ToyPipeline, build_tiny_toy
 from dopsd_ray.toy import world
 from dopsd_ray.toy.build import distill, record_trajectories, render_items, sample, train_flow

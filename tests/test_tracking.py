@@ -12,7 +12,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from dopsd_ray.config import flatten, load_config
+from dopsd_ray.config import flatten
+from dopsd_ray.recipes import load_config
 from dopsd_ray.grid import MIN_CELL, PAD, sample_grid, tensor_to_pil
 from dopsd_ray.tracking import NONFINITE_METRIC, RUN_ID_FILE, ListSink, MetricSink, MlflowRun, tracking_uri
 

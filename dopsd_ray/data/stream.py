@@ -169,6 +169,15 @@ def decode_row(row: dict, spec: StreamSpec, buckets: list[tuple[int, int]]) -> t
     return {"id": id_, "pixels": pixels, "height": bucket[0], "width": bucket[1], "caption": caption}, None
 
 
+def local_rows(path: str, spec: StreamSpec) -> list[dict]:
+    """The decoded rows of a local folder, JSONL or table (data/shards.py's list_sources), read in
+    this process without Ray Data (tests, the learner in one process); unusable rows are left out."""
+    buckets = make_buckets(spec.pixel_budget, spec.multiple, spec.max_aspect_ratio)
+    rows = (load_row(source, spec.max_pixels)[0]
+            for source in list_sources(path, spec.image_column, spec.caption_column))
+    return [decoded for row in rows if row is not None and (decoded := decode_row(row, spec, buckets)[0])]
+
+
 # -- counting dropped rows inside Ray Data ----------------------------------------------
 # Every map task reports its counts to one DropCounter actor per stream (the plain class
 # lives in shards.py, which imports neither torch nor Ray Data: the actor starts fast).

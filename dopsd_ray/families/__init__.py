@@ -12,10 +12,11 @@ Every family module has the same surface:
     default_teacher_vlm(path)   the teacher VLM when model.teacher_vlm_path is unset (families with "vlm")
     build_tiny(path, seed, model_cfg)                          a tiny random pipeline saved under path
     from_config(model_cfg, path, device, transformer_device)   the family loaded from path
+    DEFAULT_PATH, DEFAULT_DATA   (optional) model.path and data.path when a recipe sets none
 
 so adding a family is its file plus one line in FAMILIES. This package stays light (no
-torch): config.py validates names through it, and a family's module (torch, diffusers) is
-imported only when that family is asked for.
+torch): `complete` fills a loaded recipe with its family's facts (recipes.load_config calls
+it), and a family's module (torch, diffusers) is imported only when that family is asked for.
 """
 
 import importlib
@@ -25,11 +26,52 @@ from types import ModuleType
 FAMILIES = {"zimage": ".zimage", "flux2_klein": ".flux2_klein", "toy": ".toy"}  # name -> module
 
 
+class FamilyError(ValueError):
+    """A recipe that its model family cannot run; the message starts with the field's name."""
+
+
 def family_module(name: str) -> ModuleType:
     """The module of the family called `name`; ValueError naming the known ones for any other name."""
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
     return importlib.import_module(FAMILIES[name], __name__)
+
+
+def complete_model(model):
+    """A ModelConfig with its family's facts: model.path's default (the toy's), the teacher
+    context (the family's first when unset). FamilyError names the field when it cannot run."""
+    if model.family not in FAMILIES:  # before any family module (torch) is imported
+        raise FamilyError(f"model.family: unknown model family; known: {', '.join(FAMILIES)} (got {model.family!r})")
+    module = family_module(model.family)
+    if model.path is None and not model.tiny:
+        model.path = None if getattr(module, "DEFAULT_PATH", None) is None else str(module.DEFAULT_PATH)
+    if model.path is None and not model.tiny:
+        raise FamilyError("model: set model.path (a hub id or a local pipeline directory) or model.tiny=true")
+    allowed = module.TEACHER_CONTEXTS
+    if model.teacher_context is None:
+        model.teacher_context = allowed[0]
+    if model.teacher_context not in allowed:
+        raise FamilyError(f"model: model.teacher_context={model.teacher_context!r} is not supported by family "
+                          f"{model.family!r}; allowed: {', '.join(allowed)}")
+    return model
+
+
+def complete(cfg):
+    """A schema-valid Config filled with its family's facts (complete_model; the few-step
+    setting when algorithm.inference_steps is unset; the toy's data when data.path is unset)
+    and checked against them (train.sample_size against the family's pixel multiple)."""
+    complete_model(cfg.model)
+    module = family_module(cfg.model.family)
+    if cfg.algorithm.inference_steps is None:
+        cfg.algorithm.inference_steps = module.INFERENCE_STEPS
+    if cfg.data.path is None and getattr(module, "DEFAULT_DATA", None) is not None:
+        cfg.data.path = str(module.DEFAULT_DATA)
+    multiple, size = module.PIXEL_MULTIPLE, cfg.train.sample_size
+    if size is not None and size % multiple:
+        raise FamilyError(f"train.sample_size: train.sample_size={size} is not a multiple of {multiple} (family "
+                          f"{cfg.model.family!r} needs image sides divisible by {multiple}); use e.g. "
+                          f"{max(multiple, size // multiple * multiple)}")
+    return cfg
 
 
 def load_family(model, path: str | Path | None = None, device: str = "cpu", transformer_device: str | None = None):

@@ -35,8 +35,13 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
 from ..algorithms.schedules import static_shift
-from ..config import TOY_BASE_DIR
 from .base import check_image_batch, free_memory, freeze, module_dtype, tensor_bytes, torch_dtype
+
+# The committed toy base and its concept images (README, "The miniature"): model.path and
+# data.path when a family=toy recipe sets none (families.complete).
+TOY_BASE_DIR = DEFAULT_PATH = Path(__file__).resolve().parents[2] / "models" / "toy"
+TOY_CONCEPT_DIR = DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "toy_concept"
+
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 TEACHER_CONTEXTS = ("image_tokens",)  # caption tokens + image tokens of the target
 CONTEXT_FILES = ("text_encoder", "tokenizer", "vision_encoder")  # what makes contexts (contexts.py fingerprints it)

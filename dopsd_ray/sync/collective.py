@@ -77,6 +77,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from .. import process
 from . import SyncInterrupted
 from .buckets import full_numel, full_shape, plan_buckets
 
@@ -522,12 +523,9 @@ def _close(group) -> None:
 
 
 def _pick_device(device) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    """`device` with its index (a bare "cuda": the current GPU), or this process's (process.device)."""
+    device = None if device is None else torch.device(device)
+    return process.device(device) if device is None or device.type == "cuda" else device
 
 
 def _backend(device: torch.device) -> str:
