@@ -492,7 +492,8 @@ def run_job(args, model_path: Path, arms: dict, timing: list[str], memory: list[
 def sample_batch(args, model_path: Path) -> dict:
     """The first B bundled images at the bench size, for the bare-model timing."""
     from dopsd_ray.config import Config
-    from dopsd_ray.data.stream import bundled_dataset_path, iter_batches, read_shards
+    from dopsd_ray.data.batches import iter_batches
+    from dopsd_ray.data.stream import bundled_dataset_path, read_shards
 
     cfg = Config.model_validate(arm_config(args, model_path, "sample", "sft", [], args.batch, 1))
     dataset, _ = read_shards(bundled_dataset_path(), cfg)

@@ -44,7 +44,8 @@ from dopsd_ray.algorithms.steps import Batch, colocated_loss  # noqa: E402
 from dopsd_ray.recipes import load_config  # noqa: E402
 from dopsd_ray.contexts import cached_contexts, fill_context_cache  # noqa: E402
 from dopsd_ray.data.shards import list_sources, load_row  # noqa: E402
-from dopsd_ray.data.stream import StreamSpec, bundled_dataset_path, collate, decode_row, make_buckets  # noqa: E402
+from dopsd_ray.data.batches import collate  # noqa: E402
+from dopsd_ray.data.stream import StreamSpec, bundled_dataset_path, decode_row, make_buckets  # noqa: E402
 from dopsd_ray.families import build_tiny, load_family, lora_targets  # noqa: E402
 from dopsd_ray.weights import EmaTeacher, make_weights  # noqa: E402
 

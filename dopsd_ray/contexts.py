@@ -45,7 +45,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data.stream import collate
+from .data.batches import collate
 from .families import family_module
 from .storage import write_atomic
 from . import process

@@ -106,18 +106,8 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
     validation = validation_set(cfg, take_validation(dataset, cfg))  # the sample grids' columns
     rt = cfg.runtime
 
-    # 1b. every pair's contexts, computed once before training (learners and workers then free their encoders),
-    #     and the text contexts of the grids' prompts (their pairs' teacher contexts are the data's)
-    contexts = None
-    if cfg.data.cache_contexts:
-        fill = ray.remote(fill_context_cache).options(**placement(rt.learner_resources))
-        prompts = validation.prompts if validation is not None else []
-        contexts = ray.get(fill.remote(cfg.model_dump(mode="json"), model_path, pairs, str(run_dir / "context_cache"),
-                                       prompts))
-        print(f"context cache: {contexts.entries} contexts, {contexts.computed} computed now, "
-              f"{contexts.seconds:.1f} s", flush=True)
-        mlflow.log_metrics({"contexts/entries": contexts.entries, "contexts/computed": contexts.computed,
-                            "contexts/fill_seconds": contexts.seconds}, step=0)
+    # 1b. every pair's contexts, computed once before training (learners and workers then free their encoders)
+    contexts = fill_contexts(cfg, run_dir, model_path, pairs, validation, mlflow) if cfg.data.cache_contexts else None
 
     # 2. the one place the run's mode is chosen: where the learners' micro-batches come from
     #    (the data stream, or rollout workers' experiences), and whom they publish snapshots to
@@ -136,20 +126,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
     inputs.progress = Queue(actor_options=on_driver_node())
     stop_flag = ray.remote(StopFlag).options(**on_driver_node()).remote()
     inputs.stop = StopWatch(stop_flag)
-    use_gpu = rt.learner_resources.get("GPU", 0) > 0
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"inputs": inputs},
-        scaling_config=ScalingConfig(num_workers=rt.num_learners, use_gpu=use_gpu,
-                                     resources_per_worker=dict(rt.learner_resources)),
-        run_config=RunConfig(
-            name=cfg.train.run_name, storage_path=str(run_dir / "ray_train"),
-            failure_config=FailureConfig(max_failures=rt.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets=datasets,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-    )
+    trainer = learner_group(cfg, run_dir, inputs, datasets)
     printer = ProgressPrinter(inputs.progress, cfg.train.log_every)  # draws while fit() blocks
     printer.start()
     start = time.perf_counter()
@@ -165,17 +142,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
         ray.kill(stop_flag)
     seconds = time.perf_counter() - start
     learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped", "interrupted", "node_id"}
-    if watch is not None and watch.lost:
-        raise RolloutWorkersLost(watch.lost)
-    last = result.checkpoint.path if result.checkpoint else None
-    if learner.get("stopped"):  # the learners gave up cleanly (non-finite steps), not a crash
-        raise FloatingPointError(f"{learner['stopped']} Last checkpoint: "
-                                 f"{last or 'none yet (no good step reached train.checkpoint_every)'}")
-    if signals.signum:  # the learners stopped early, or had just finished: no evaluation
-        mlflow.set_tag("dopsd.stopped_by", signals.name)
-        when = "at step" if learner.get("interrupted") else "after the last step,"
-        raise RunStopped(f"stopped by {signals.name} {when} {learner.get('step')}; last checkpoint: {last}. "
-                         f"Re-run with train.run_name={cfg.train.run_name} to resume from it.", signals.signum)
+    raise_if_stopped(cfg, result, learner, watch, signals, mlflow)
     summary = {
         "run_dir": str(run_dir),
         "export": str(run_dir / "export"),  # the last export; intermediate ones in export/step_NNNNNN
@@ -195,14 +162,65 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
     # 4. evaluation (eval.at_end): the export against the base, the job jobs/evaluate.py runs,
     #    as a task with the learner's resources (a GPU on real models), logged into this run
     if cfg.eval.at_end:
-        res = rt.learner_resources
-        task = ray.remote(evaluate_run).options(
-            num_cpus=res.get("CPU", 1), num_gpus=res.get("GPU", 0),
-            resources={k: v for k, v in res.items() if k not in ("CPU", "GPU")})
-        summary["eval"] = ray.get(task.remote(cfg.model_dump(mode="json"), model_path,
-                                              {cfg.train.run_name: summary["export"]}, str(run_dir / "eval"),
-                                              mlflow, cfg.train.steps))
+        summary["eval"] = evaluate_at_end(cfg, run_dir, model_path, summary["export"], mlflow)
     return summary
+
+
+def learner_group(cfg: Config, run_dir: Path, inputs: LearnerInputs, datasets: dict) -> TorchTrainer:
+    """Ray Train's group of runtime.num_learners learner ranks (learner/loop.py), restarted from
+    the last checkpoint up to runtime.max_failures times."""
+    rt = cfg.runtime
+    use_gpu = rt.learner_resources.get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"inputs": inputs},
+        scaling_config=ScalingConfig(num_workers=rt.num_learners, use_gpu=use_gpu,
+                                     resources_per_worker=dict(rt.learner_resources)),
+        run_config=RunConfig(
+            name=cfg.train.run_name, storage_path=str(run_dir / "ray_train"),
+            failure_config=FailureConfig(max_failures=rt.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    return trainer
+
+
+def raise_if_stopped(cfg: Config, result, learner: dict, watch, signals: StopSignals, mlflow: MlflowRun) -> None:
+    """A run that did not finish raises, naming why and the last checkpoint: rollout workers lost,
+    the learners gave up (non-finite steps), or a signal stopped it (no evaluation then)."""
+    if watch is not None and watch.lost:
+        raise RolloutWorkersLost(watch.lost)
+    last = result.checkpoint.path if result.checkpoint else None
+    if learner.get("stopped"):  # the learners gave up cleanly (non-finite steps), not a crash
+        raise FloatingPointError(f"{learner['stopped']} Last checkpoint: "
+                                 f"{last or 'none yet (no good step reached train.checkpoint_every)'}")
+    if signals.signum:  # the learners stopped early, or had just finished
+        mlflow.set_tag("dopsd.stopped_by", signals.name)
+        when = "at step" if learner.get("interrupted") else "after the last step,"
+        raise RunStopped(f"stopped by {signals.name} {when} {learner.get('step')}; last checkpoint: {last}. "
+                         f"Re-run with train.run_name={cfg.train.run_name} to resume from it.", signals.signum)
+
+
+def fill_contexts(cfg: Config, run_dir: Path, model_path: str, pairs, validation, mlflow: MlflowRun):
+    """data.cache_contexts: every pair's contexts, and the text contexts of the grids' prompts
+    (their pairs' teacher contexts are the data's), in a task on the learner's resources."""
+    fill = ray.remote(fill_context_cache).options(**placement(cfg.runtime.learner_resources))
+    prompts = validation.prompts if validation is not None else []
+    contexts = ray.get(fill.remote(cfg.model_dump(mode="json"), model_path, pairs, str(run_dir / "context_cache"),
+                                   prompts))
+    print(f"context cache: {contexts.entries} contexts, {contexts.computed} computed now, "
+          f"{contexts.seconds:.1f} s", flush=True)
+    mlflow.log_metrics({"contexts/entries": contexts.entries, "contexts/computed": contexts.computed,
+                        "contexts/fill_seconds": contexts.seconds}, step=0)
+    return contexts
+
+
+def evaluate_at_end(cfg: Config, run_dir: Path, model_path: str, export: str, mlflow: MlflowRun) -> dict:
+    task = ray.remote(evaluate_run).options(**placement({"CPU": 1, **cfg.runtime.learner_resources}))
+    return ray.get(task.remote(cfg.model_dump(mode="json"), model_path, {cfg.train.run_name: export},
+                               str(run_dir / "eval"), mlflow, cfg.train.steps))
 
 
 def start_rollout(cfg: Config, model_path: str, dataset, contexts, worker_class=RolloutWorker) -> tuple:

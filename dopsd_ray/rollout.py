@@ -49,7 +49,7 @@ from .algorithms.schedules import training_sigmas
 from .algorithms.steps import Batch, RolloutRestart, make_experience
 from . import process
 from .contexts import ContextCache
-from .data.stream import iter_batches
+from .data.batches import iter_batches
 from .families import lora_targets
 from .sync.buckets import weights_digest
 from .sync.collective import CollectiveReceiver

@@ -18,7 +18,7 @@ from dopsd_ray.contexts import (
     CONTEXT_SETTINGS, CachedContexts, ContextCacheMiss, cached_contexts, entry_path, fill_context_cache,
     fingerprint_parts,
 )
-from dopsd_ray.data.stream import collate
+from dopsd_ray.data.batches import collate
 from dopsd_ray.families import load_family, lora_targets
 from dopsd_ray.families.base import tensor_bytes
 from dopsd_ray.families.flux2_klein import build_tiny_flux2_klein

@@ -31,8 +31,9 @@ from dopsd_ray.recipes import load_config
 from dopsd_ray.data.bundled import write_bundled
 from dopsd_ray.data.shards import SCHEMA, list_sources, load_row, open_image, prepare_shards
 from dopsd_ray.preflight import check_paths
+from dopsd_ray.data.batches import iter_batches
 from dopsd_ray.data.stream import (
-    StreamSpec, choose_bucket, decode_batch, decode_row, iter_batches, make_buckets, read_shards,
+    StreamSpec, choose_bucket, decode_batch, decode_row, make_buckets, read_shards,
     bundled_dataset_path, take_validation,
 )
 

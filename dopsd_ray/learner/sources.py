@@ -20,7 +20,7 @@ import torch
 
 from ..algorithms.schedules import training_sigmas
 from ..algorithms.steps import Batch, RolloutLost, RolloutRestart, colocated_loss, experience_loss
-from ..data.stream import iter_batches
+from ..data.batches import iter_batches
 
 
 @dataclass

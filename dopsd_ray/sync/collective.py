@@ -66,8 +66,6 @@ group. The restarted worker holds no weights until that snapshot arrives, so it 
 rolls out on old ones.
 """
 
-import datetime
-import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -77,9 +75,12 @@ import ray
 import torch
 import torch.distributed as dist
 
-from .. import process
 from . import SyncInterrupted
 from .buckets import full_numel, full_shape, plan_buckets
+from .groups import (
+    WeightSyncError, backend, close, handshake, joined_key, new_group, node_ip, pick_device, raise_if_failed, root0, td,
+    wait_joined, wait_refs, wait_work,
+)
 
 ALIGN = 16  # bytes: every tensor starts 16-byte aligned inside a bucket, so byte views cast back to any dtype
 
@@ -169,18 +170,13 @@ def unpack_bucket(spec: BucketSpec, flat: torch.Tensor) -> dict[str, torch.Tenso
     return {t.name: flat[t.offset:t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in spec.tensors}
 
 
-class WeightSyncError(RuntimeError):
-    """A rollout worker's receive call failed during a collective sync; the group is given up
-    (closed, or abandoned while a broadcast is in flight: see CollectiveSender._abandon)."""
-
-
 class CollectiveSender:
     """Learner rank 0's end of the weight-sync group (rank 0 of it)."""
 
     def __init__(self, num_receivers: int, timeout_s: float = 60.0, device: str | torch.device | None = None):
         self.num_receivers = num_receivers
         self.timeout_s = timeout_s
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         self._store = None
         self._group = None
         self._abandoned: list = []
@@ -188,10 +184,10 @@ class CollectiveSender:
 
     def open(self) -> GroupAddress:
         """Start the rendezvous store on a free port of this node; hand the address to the workers."""
-        host = _node_ip()
+        host = node_ip()
         self._store = dist.TCPStore(host, 0, self.num_receivers + 1, is_master=True,
-                                    timeout=_td(self.timeout_s), wait_for_workers=False)
-        self.address = GroupAddress(host, self._store.port, self.num_receivers + 1, _backend(self.device),
+                                    timeout=td(self.timeout_s), wait_for_workers=False)
+        self.address = GroupAddress(host, self._store.port, self.num_receivers + 1, backend(self.device),
                                     name=uuid.uuid4().hex[:12])
         return self.address
 
@@ -200,21 +196,21 @@ class CollectiveSender:
         if self.address is None:
             raise RuntimeError("CollectiveSender.open() first: the workers need the address")
         deadline = time.monotonic() + self.timeout_s
-        missing = _wait_joined(self._store, self.num_receivers, deadline)
+        missing = wait_joined(self._store, self.num_receivers, deadline)
         if missing:
             self.close()
             raise TimeoutError(f"collective weight sync ({self.address.backend}): rollout worker rank(s) "
                                f"{missing} of {self.num_receivers} did not join {self.address.host}:"
                                f"{self.address.port} within {self.timeout_s} s")
         try:
-            self._group = _new_group(self._store, 0, self.address, self.device, self.timeout_s)
-            _handshake(self._group, self.device, deadline)
+            self._group = new_group(self._store, 0, self.address, self.device, self.timeout_s)
+            handshake(self._group, self.device, deadline)
         except (RuntimeError, TimeoutError) as e:  # DistStoreError is a RuntimeError
             self.close()
             raise TimeoutError(f"collective weight sync ({self.address.backend}): not every one of the "
                                f"{self.num_receivers} rollout workers joined {self.address.host}:"
                                f"{self.address.port} within {self.timeout_s} s ({e})") from e
-        _wait_refs(pending, deadline, f"collective weight sync ({self.address.backend}): join")
+        wait_refs(pending, deadline, f"collective weight sync ({self.address.backend}): join")
 
     def send(self, meta: SnapshotMeta, buckets: Iterable[dict[str, torch.Tensor]],
              pending: list[ray.ObjectRef] = ()) -> dict:
@@ -242,7 +238,7 @@ class CollectiveSender:
             flat = pack_bucket(meta.buckets[i], bucket, self.device, out=buffers[slot])
             if buffers[slot] is None or flat.data_ptr() != buffers[slot].data_ptr():
                 buffers[slot] = flat
-            in_flight[slot] = (self._group.broadcast([flat], _root0()), f"{what}, bucket {i + 1}/{len(meta.buckets)}")
+            in_flight[slot] = (self._group.broadcast([flat], root0()), f"{what}, bucket {i + 1}/{len(meta.buckets)}")
             count += 1
         for slot in (count % 2, (count + 1) % 2):  # the older broadcast first
             if in_flight[slot] is not None:
@@ -250,7 +246,7 @@ class CollectiveSender:
         if count != len(meta.buckets):
             raise ValueError(f"{what}: got {count} buckets, the metadata announced {len(meta.buckets)}")
         try:
-            _wait_refs(pending, time.monotonic() + self.timeout_s, what)
+            wait_refs(pending, time.monotonic() + self.timeout_s, what)
         except (TimeoutError, WeightSyncError):
             self.close()
             raise
@@ -263,7 +259,7 @@ class CollectiveSender:
         failed fails it at once (WeightSyncError; the group is abandoned, not closed, so the error
         comes without delay)."""
         try:
-            _wait_work(work, time.monotonic() + self.timeout_s, check=lambda: _raise_if_failed(pending, what))
+            wait_work(work, time.monotonic() + self.timeout_s, check=lambda: raise_if_failed(pending, what))
         except WeightSyncError:
             self._abandon()
             raise
@@ -273,7 +269,7 @@ class CollectiveSender:
                                f"(dead, or not receiving); the group is closed, set it up again ({e})") from e
 
     def close(self) -> None:
-        _close(self._group)
+        close(self._group)
         self._group, self._store = None, None
 
     def _abandon(self) -> None:
@@ -353,7 +349,7 @@ class CollectiveReceiver:
     """A rollout worker's end of the weight-sync group (rank >= 1)."""
 
     def __init__(self, device: str | torch.device | None = None):
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         self._group = None
         self.group_name: str | None = None  # the group joined (GroupAddress.name); None when not in one
         self.timeout_s = 60.0
@@ -361,16 +357,16 @@ class CollectiveReceiver:
 
     def join(self, address: GroupAddress, rank: int, timeout_s: float = 60.0) -> None:
         """Blocks until the sender and every other receiver have joined (or raises)."""
-        if _backend(self.device) != address.backend:
+        if backend(self.device) != address.backend:
             raise ValueError(f"weight-sync group uses {address.backend}, this receiver's device is {self.device}")
         self.timeout_s = timeout_s
         deadline = time.monotonic() + timeout_s
         try:
             store = dist.TCPStore(address.host, address.port, address.world_size, is_master=False,
-                                  timeout=_td(timeout_s))
-            store.set(_joined_key(rank), "1")  # the sender waits for these before building the group
-            self._group = _new_group(store, rank, address, self.device, timeout_s)
-            _handshake(self._group, self.device, deadline)
+                                  timeout=td(timeout_s))
+            store.set(joined_key(rank), "1")  # the sender waits for these before building the group
+            self._group = new_group(store, rank, address, self.device, timeout_s)
+            handshake(self._group, self.device, deadline)
         except (RuntimeError, TimeoutError) as e:
             self.close()
             raise TimeoutError(f"collective weight sync ({address.backend}): rank {rank} could not join "
@@ -403,7 +399,7 @@ class CollectiveReceiver:
             for i, spec in enumerate(meta.buckets):
                 flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
                 try:
-                    _wait_work(group.broadcast([flat], _root0()), time.monotonic() + self.timeout_s, check=left)
+                    wait_work(group.broadcast([flat], root0()), time.monotonic() + self.timeout_s, check=left)
                 except WeightSyncError:
                     _ABANDONED.append(group)  # a broadcast is in flight: closing would wait it out
                     raise
@@ -421,127 +417,14 @@ class CollectiveReceiver:
         """Leave the group. While a receive is in flight (another thread), that receive drops it."""
         group, self._group, self.group_name = self._group, None, None
         if not self._receiving:
-            _close(group)
+            close(group)
 
 
 _ABANDONED: list = []  # receivers' groups dropped with a broadcast in flight: referenced until the process ends
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _new_group(store, rank: int, address: GroupAddress, device: torch.device, timeout_s: float):
-    """A ProcessGroup over `store`, outside torch.distributed's global state."""
-    store = dist.PrefixStore(f"dopsd_weight_sync/{address.name}", store)
-    if address.backend == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-        # the watchdog's own timeout comes after ours, so the deadline here raises first
-        opts._timeout = _td(timeout_s + 60)
-        return dist.ProcessGroupNCCL(store, rank, address.world_size, opts)
-    opts = dist.ProcessGroupGloo._Options()
-    opts._timeout = _td(timeout_s)
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_node_ip())]
-    return dist.ProcessGroupGloo(store, rank, address.world_size, opts)
-
-
-def _joined_key(rank: int) -> str:
-    return f"dopsd_weight_sync/joined/{rank}"
-
-
-def _wait_joined(store, num_receivers: int, deadline: float) -> list[int]:
-    """Wait until every receiver rank has checked in on the store; returns the ranks still missing."""
-    keys = [_joined_key(r) for r in range(1, num_receivers + 1)]
-    try:
-        store.wait(keys, _td(max(deadline - time.monotonic(), 0.001)))
-        return []
-    except RuntimeError:  # DistStoreError: timed out
-        return [r for r, k in enumerate(keys, start=1) if not store.check([k])]
-
-
-def _handshake(group, device: torch.device, deadline: float) -> None:
-    """One tiny broadcast, so a group that cannot talk fails at set-up, not at the first sync."""
-    _wait_work(group.broadcast([torch.zeros(1, device=device)], _root0()), deadline)
-
-
-def _wait_work(work, deadline: float, check=None, check_every_s: float = 0.05) -> None:
-    """Wait for an async collective until `deadline` (monotonic); re-raise its error if it failed.
-
-    `check()`, called every `check_every_s` while waiting, may raise to give up early.
-    """
-    next_check = time.monotonic()
-    while not work.is_completed():
-        now = time.monotonic()
-        if now > deadline:
-            raise TimeoutError("collective did not complete before the deadline")
-        if check is not None and now >= next_check:
-            check()
-            next_check = now + check_every_s
-        time.sleep(0.0005)
-    work.wait()
-
-
-def _raise_if_failed(refs, what: str) -> None:
-    """WeightSyncError if any of the workers' receive calls has already failed."""
-    if not refs:
-        return
-    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
-    for ref in ready:
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayError as e:
-            raise WeightSyncError(f"{what}: a rollout worker's receive failed, so the broadcast cannot "
-                                  f"complete; the group is given up ({e})") from e
-
-
-def _wait_refs(refs, deadline: float, what: str) -> None:
-    if not refs:
-        return
-    try:
-        ray.get(list(refs), timeout=max(deadline - time.monotonic(), 0.0))
-    except ray.exceptions.GetTimeoutError as e:
-        raise TimeoutError(f"{what}: the rollout workers did not answer in time") from e
-    except ray.exceptions.RayError as e:
-        raise WeightSyncError(f"{what}: a rollout worker failed ({e})") from e
-
-
-def _root0():
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    opts.rootTensor = 0
-    return opts
-
-
-def _close(group) -> None:
-    if group is None:
-        return
-    for name in ("abort", "shutdown"):
-        fn = getattr(group, name, None)
-        if fn is not None:
-            try:
-                fn()
-                return
-            except Exception:  # best effort: the group is being thrown away
-                pass
-
-
-def _pick_device(device) -> torch.device:
-    """`device` with its index (a bare "cuda": the current GPU), or this process's (process.device)."""
-    device = None if device is None else torch.device(device)
-    return process.device(device) if device is None or device.type == "cuda" else device
-
-
-def _backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def _node_ip() -> str:
-    try:
-        return ray.util.get_node_ip_address()
-    except Exception:  # outside Ray (a debugger, a unit test without ray.init)
-        return socket.gethostbyname(socket.gethostname())
 
 
 def _aligned(nbytes: int) -> int:
     return (nbytes + ALIGN - 1) // ALIGN * ALIGN
-
-
-def _td(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)
