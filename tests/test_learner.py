@@ -12,13 +12,8 @@ tests/test_runtime.py; here each behaviour is checked directly, in seconds.
                 at ZeRO 1-3, and agree on the step
 """
 
-import json
 import math
-import os
 import queue
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -180,20 +175,9 @@ def test_two_ranks_agree_once_per_step_at_every_zero_stage(tmp_path):
     """Two learner ranks (two processes, gloo): per step at most 2 collectives of the project's own
     (the experience check before any backward and the step's one agreement) at ZeRO 1, 2 and 3,
     and both ranks see the same agreed sums and the same applied steps."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                   LOCAL_RANK=str(rank), PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, "-c", TWO_RANKS, str(TOY), str(tmp_path)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    results = []
-    for p, output in zip(procs, outputs):
-        assert p.returncode == 0, output[-4000:]
-        results.append(json.loads(output.split("RESULT ", 1)[1]))
+    from test_reliability import two_ranks
+
+    results = two_ranks(TWO_RANKS, str(TOY), str(tmp_path), timeout_s=600)
     for stage in ("1", "2", "3"):
         for got in results:
             assert all(1 <= len(calls) <= 2 for calls in got[stage]["per_step"]), (stage, got[stage]["per_step"])

@@ -533,12 +533,9 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-@pytest.mark.slow
-def test_a_nonfinite_micro_batch_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    """Two learner ranks (two processes, gloo, ZeRO-3, two micro-batches a step): rank 1's second
-    micro-batch has a non-finite loss, rank 0's are all finite. Both ranks skip the step and
-    change nothing, and take the next good step together. (Processes of their own: one per
-    rank, each with its own default group; about 20 s on 2 cores, hence slow.)"""
+def two_ranks(script: str, *args: str, timeout_s: float) -> list[dict]:
+    """Run `script` as learner ranks 0 and 1 (two processes, one gloo group over a free port);
+    each rank's JSON after "RESULT ", in rank order."""
     import socket
 
     with socket.socket() as s:
@@ -548,12 +545,21 @@ def test_a_nonfinite_micro_batch_on_one_rank_skips_the_step_on_every_rank(tmp_pa
     for rank in (0, 1):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                    LOCAL_RANK=str(rank), PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, "-c", TWO_RANKS, str(TINY)], cwd=ROOT, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for rank, (p, output) in enumerate(zip(procs, outputs)):
+    outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+    for p, output in zip(procs, outputs):
         assert p.returncode == 0, output[-4000:]
-        got = json.loads(output.split("RESULT ", 1)[1])
+    return [json.loads(output.split("RESULT ", 1)[1]) for output in outputs]
+
+
+@pytest.mark.slow
+def test_a_nonfinite_micro_batch_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Two learner ranks (two processes, gloo, ZeRO-3, two micro-batches a step): rank 1's second
+    micro-batch has a non-finite loss, rank 0's are all finite. Both ranks skip the step and
+    change nothing, and take the next good step together. (Processes of their own: one per
+    rank, each with its own default group; about 20 s on 2 cores, hence slow.)"""
+    for rank, got in enumerate(two_ranks(TWO_RANKS, str(TINY), timeout_s=300)):
         assert got == {"bad_applied": False, "unchanged": True, "good_applied": True, "changed": True}, rank
 
 

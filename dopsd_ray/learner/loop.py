@@ -240,10 +240,10 @@ class Learner:
         self.step += 1
         compute_s = time.perf_counter() - t0 - fetch_s
         sync, interrupted = self.snapshots.publish(self.step) if self.snapshots.due(self.step) else ({}, False)
-        metrics = micro_mean(metrics)
+        metrics, images = micro_mean(metrics), sum(f.images for f in fetched)
         # the step's one agreement: sums over the ranks, and the flags any rank raised
         *sums, interrupted, stop = self.ranks.sum(
-            [loss_sum / accum, metrics["trained_states"], sum(f.images for f in fetched), interrupted,
+            [loss_sum / accum, metrics["trained_states"], images, interrupted,
              self.reporter.stop_requested()])
         if interrupted:
             sync, _ = self.snapshots.publish(self.step, last=True)
@@ -251,7 +251,7 @@ class Learner:
         self.counters["dropped_stale"] += dropped
         result = StepResult(
             applied=applied, loss=sums[0] / self.world, metrics=metrics,
-            images=sum(f.images for f in fetched), staleness=max(self.step - 1 - f.version for f in fetched),
+            images=images, staleness=max(self.step - 1 - f.version for f in fetched),
             rollout_seconds=sum(f.rollout_s for f in fetched) / accum, fetch_seconds=fetch_s,
             waited=sum(f.waited_s for f in fetched), dropped=dropped, compute_seconds=compute_s,
             step_seconds=time.perf_counter() - t0, sync=sync, sums=sums, stop=stop > 0)
