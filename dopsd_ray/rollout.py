@@ -81,7 +81,7 @@ class RolloutWorker:
         self.weights.module.requires_grad_(False)
         self.version, self.generation = -1, 0  # the snapshot held: learner step, learner process
         self.produced = 0  # experiences made with the current snapshot
-        self.stats = {"sync_seconds": 0.0, "sync_bytes": 0, "snapshots": 0}
+        self.stats = {"sync_seconds": 0.0, "sync_bytes": 0, "snapshots": 0, "batches_skipped": 0}
         self._stop = threading.Event()
         self.receiver: CollectiveReceiver | None = None  # collective transport only
         self._staged = None  # collective: (version, generation, state, bytes, seconds) received, not swapped in
@@ -176,9 +176,14 @@ class RolloutWorker:
         if self.restarted:  # this process replaces one that died: the learner counts it
             self.put(queue, RolloutRestart(self.index))
         batches = iter_batches(data, cfg.train.batch_size, seed=cfg.train.seed + self.index)
+        # a restarted worker reads (and skips) its share of the stream until it holds weights:
+        # streaming_split starts each epoch only when every worker asks for it, so a worker
+        # that waited without reading would stall the others (and they the learner, which is
+        # the only way this one gets weights under the collective transport)
+        drain = batches if self.restarted else None
         index = 0
         while not self._stop.is_set():
-            self.wait_for_snapshot(store, per_version)
+            self.wait_for_snapshot(store, per_version, drain)
             if self._stop.is_set():
                 break
             images, captions, ids = next(batches)
@@ -199,13 +204,13 @@ class RolloutWorker:
             except Full:
                 continue
 
-    def wait_for_snapshot(self, store, per_version: int | None) -> None:
+    def wait_for_snapshot(self, store, per_version: int | None, drain=None) -> None:
         """Swap weights between roll-outs; on-policy: block until a fresh snapshot exists.
 
         A worker without a snapshot (the first one, or after one was lost with its learner)
         waits runtime.startup_timeout_s, counted from the loss: the snapshot comes only after a
         learner loaded its models and set up DeepSpeed (minutes at 6-9B). Otherwise it waits
-        runtime.sync_timeout_s.
+        runtime.sync_timeout_s. `drain`: batches to skip while it holds no snapshot at all.
         """
         rt = self.cfg.runtime
         since = time.monotonic()
@@ -220,7 +225,11 @@ class RolloutWorker:
                 raise TimeoutError(
                     f"rollout worker {self.index}: no new weight snapshot after version {self.version} "
                     f"within runtime.{name}={timeout_s} s (runtime.sync_transport={rt.sync_transport})")
-            time.sleep(0.05)
+            if starting and drain is not None:
+                next(drain)
+                self.stats["batches_skipped"] += 1
+            else:
+                time.sleep(0.05)
 
     def stop(self) -> None:
         self._stop.set()
