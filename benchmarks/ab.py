@@ -267,6 +267,7 @@ def build_learner(name: str, arm: dict):
     plain SFT; set up, with the first snapshot published (Learner.start)."""
     from dopsd_ray.config import Config
     from dopsd_ray.learner import DataStream, ExperienceQueue, Learner, LearnerInputs, Snapshots
+    from dopsd_ray.checkpoint import experiment_uri
     from dopsd_ray.learner.context import RayTrainContext
 
     cfg = Config.model_validate(arm["config"])
@@ -274,7 +275,7 @@ def build_learner(name: str, arm: dict):
                            source=ExperienceQueue(arm["queue"]) if "queue" in arm else DataStream(f"arm_{name}"))
     if "publisher" in arm:
         inputs.snapshots = Snapshots(arm["publisher"])
-    context = RayTrainContext(str(Path(cfg.run_dir) / "ray_train" / cfg.train.run_name))
+    context = RayTrainContext(experiment_uri(cfg))
     learner = Learner(inputs, context, keep_ema=arm["ema"]).setup()
     learner.start()
     return learner

@@ -16,34 +16,51 @@ the last good checkpoint:
   1. each rank writes its files into a fresh local temp dir, each file under a
      `.name.partial` name that is renamed into place only once it is fully written;
   2. `upload_checkpoint` (Ray Train's checkpoint_upload_fn) copies them into the run's
-     storage the same way: `.name.partial`, then an atomic rename; state.json goes last;
+     storage (storage.Storage: a folder, a shared mount or an object store), each file whole
+     or absent; state.json goes last;
   3. Ray Train registers a checkpoint (the one `ray.train.get_checkpoint()` resumes
      from) only after every rank's upload returned, and deletes older ones only after
      that;
   4. `check_checkpoint` proves a directory complete: state.json parses, every file it
      lists is there, and every safetensors file's header covers the file exactly (a
-     truncated file fails). `usable_checkpoint` resumes from Ray's checkpoint when it is
-     complete, else from the newest complete one in the run's storage, saying so.
+     truncated file fails), reading headers only, wherever it is stored. `usable_checkpoint`
+     resumes from the checkpoint Ray Train registered, and fails naming it if it cannot be
+     read (it was lost with a node's disk, or damaged): never an older one, never step 0
+     silently. With none registered, the newest complete one in storage.
 """
 
 import json
-import shutil
+import struct
 import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .storage import PARTIAL, write_atomic
+from .storage import Storage, join, node_cache, write_atomic
+
+if TYPE_CHECKING:
+    import ray.train
 
 # weights.STUDENT and weights.TEACHER, spelled here so that writing or checking a checkpoint
 # imports neither peft nor Ray (a writer is a small, fast process)
 STUDENT, TEACHER = "student", "teacher"
 STATE_FILE = "state.json"
+RAY_TRAIN = "ray_train"  # the run's folder for Ray Train's storage_path
+
+
+def experiment_uri(cfg) -> str:
+    """Where Ray Train keeps a run's checkpoints: RunConfig(storage_path=run_dir/ray_train, name=run_name)."""
+    return join(cfg.run_dir, RAY_TRAIN, cfg.train.run_name)
+
+
+def checkpoint_uri(cfg, checkpoint) -> str | None:
+    """Where a ray.train.Checkpoint of run `cfg` is, as users name it (a path, or a URI)."""
+    return None if checkpoint is None else join(experiment_uri(cfg), PurePosixPath(checkpoint.path).name)
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -103,86 +120,104 @@ def save_checkpoint(write):
     """write(directory) writes this rank's part into a fresh temp dir, yielded as a ray.train.Checkpoint."""
     from ray.train import Checkpoint  # Ray only where Ray Train needs it: the rest runs anywhere
 
-    tmp = Path(tempfile.mkdtemp(prefix="dopsd-ckpt-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="dopsd-ckpt-") as tmp:
         write(tmp)
-        yield Checkpoint.from_directory(str(tmp))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield Checkpoint.from_directory(tmp)
 
 
-def upload_checkpoint(source: str | Path, destination: str | Path) -> Path:
-    """Copy one rank's checkpoint files into the shared checkpoint dir, each file atomically,
-    state.json last (Ray Train merges every rank's files into one dir the same way)."""
-    source, destination = Path(source), Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
-    files = sorted((p for p in source.iterdir() if p.is_file() and not p.name.endswith(PARTIAL)),
-                   key=lambda p: (p.name == STATE_FILE, p.name))
-    for f in files:
-        write_atomic(destination / f.name, lambda p, f=f: shutil.copyfile(f, p))
-    return destination
+def upload_checkpoint(source: str | Path, experiment: Storage, name: str) -> str:
+    """Copy one rank's checkpoint files into experiment/name, each file whole, state.json last
+    (Ray Train merges every rank's files into one checkpoint the same way)."""
+    return experiment.put_dir(source, name, last=(STATE_FILE,))
 
 
-def ray_upload_fn(experiment_dir: str | Path):
-    """checkpoint_upload_fn for ray.train.report: upload_checkpoint into experiment_dir/<name>."""
+def ray_upload_fn(experiment: Storage):
+    """checkpoint_upload_fn for ray.train.report: upload_checkpoint into experiment/<name>."""
     from ray.train import Checkpoint
 
     def upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
         with checkpoint.as_directory() as local:
-            return Checkpoint.from_directory(str(upload_checkpoint(local, Path(experiment_dir) / dir_name)))
+            upload_checkpoint(local, experiment, dir_name)
+        return Checkpoint(experiment.path(dir_name), filesystem=experiment.fs)
     return upload
 
 
 # -- reading -----------------------------------------------------------------------------
-def check_checkpoint(directory: str | Path) -> str | None:
-    """None if `directory` holds a complete checkpoint, else what is wrong with it."""
-    directory = Path(directory)
+def _safetensors_problem(store: Storage, name: str) -> str | None:
+    """None if the file's header covers it exactly (a truncated or padded file does not)."""
     try:
-        meta = json.loads((directory / STATE_FILE).read_text())
-        files = meta["files"] if "files" in meta else expected_files(int(meta["world"]))
-        int(meta["step"])
-    except FileNotFoundError:
-        return f"{directory}: no {STATE_FILE} (the write did not finish)"
-    except (ValueError, KeyError, TypeError) as err:
-        return f"{directory}/{STATE_FILE} is unreadable ({err})"
-    for name in files:
-        path = directory / name
-        if not path.is_file():
-            return f"{directory}: {name} is missing (the write did not finish)"
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(str(path), "pt"):
-                    pass  # the header must cover the file exactly: a truncated file fails here
-            except Exception as err:
-                return f"{path} is damaged ({err})"
+        with store.open_input(name) as f:
+            size = f.size()
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                return "its header runs past the end of the file"
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end != size:
+            return f"{size} bytes where its header describes {8 + length + end}"
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        return f"unreadable ({err})"
     return None
 
 
-def checkpoint_step(directory: str | Path) -> int:
-    return int(json.loads((Path(directory) / STATE_FILE).read_text())["step"])
+def check_checkpoint(directory: str | Path | Storage) -> str | None:
+    """None if `directory` (a path, a URI, or a Storage) holds a complete checkpoint, else what is
+    wrong with it."""
+    store = directory if isinstance(directory, Storage) else Storage(directory)
+    where = store.uri
+    try:
+        meta = json.loads(store.read_text(STATE_FILE))
+        files = meta["files"] if "files" in meta else expected_files(int(meta["world"]))
+        int(meta["step"])
+    except FileNotFoundError:
+        return f"{where}: no {STATE_FILE} (the write did not finish)"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{where}/{STATE_FILE} is unreadable ({err})"
+    for name in files:
+        if not store.is_file(name):
+            return f"{where}: {name} is missing (the write did not finish)"
+        if name.endswith(".safetensors") and (problem := _safetensors_problem(store, name)):
+            return f"{store.name_uri(name)} is damaged: {problem}"
+    return None
 
 
-def latest_checkpoint(experiment_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under experiment_dir, or None."""
-    root = Path(experiment_dir)
-    if not root.is_dir():
-        return None
-    complete = [d for d in root.glob("checkpoint_*") if d.is_dir() and check_checkpoint(d) is None]
-    return max(complete, key=lambda d: (checkpoint_step(d), d.name), default=None)
+def checkpoint_step(directory: str | Path | Storage) -> int:
+    store = directory if isinstance(directory, Storage) else Storage(directory)
+    return int(json.loads(store.read_text(STATE_FILE))["step"])
 
 
-def usable_checkpoint(checkpoint: "ray.train.Checkpoint | None", experiment_dir: str | Path) -> Path | None:
-    """Where to resume from: Ray Train's checkpoint if it is complete; otherwise (or when
-    Ray has none but the storage does) the newest complete checkpoint in experiment_dir."""
-    if checkpoint is not None:
-        problem = check_checkpoint(checkpoint.path)
-        if problem is None:
-            return Path(checkpoint.path)
-        fallback = latest_checkpoint(experiment_dir)
-        warnings.warn(f"the checkpoint Ray Train resumes from is incomplete: {problem}; resuming from "
-                      f"{fallback or 'scratch'} instead")
-        return fallback
-    return latest_checkpoint(experiment_dir)
+def checkpoint_names(experiment: Storage) -> list[str]:
+    """The checkpoint folders under experiment, complete or not."""
+    return [n for n in experiment.listdir() if n.startswith("checkpoint_")]
+
+
+def latest_checkpoint(experiment: str | Path | Storage) -> Storage | None:
+    """The complete checkpoint with the highest step under `experiment`, or None."""
+    experiment = experiment if isinstance(experiment, Storage) else Storage(experiment)
+    complete = [c for c in map(experiment.child, checkpoint_names(experiment)) if check_checkpoint(c) is None]
+    return max(complete, key=lambda c: (checkpoint_step(c), c.uri), default=None)
+
+
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint was registered (or written) but cannot be read: resuming from an older one
+    or from step 0 would silently lose training."""
+
+
+def usable_checkpoint(checkpoint: "ray.train.Checkpoint | None", experiment: Storage) -> Storage | None:
+    """Where to resume from: the checkpoint Ray Train registered, which must be complete (it was
+    registered only after every rank's files were in: incomplete now means lost or damaged, and
+    the run fails naming it); with none registered, the newest complete one in storage; else
+    None (a fresh start). A registered checkpoint is looked up by its name in `experiment`,
+    the run's storage, whichever node wrote it."""
+    if checkpoint is None:
+        return latest_checkpoint(experiment)
+    found = experiment.child(PurePosixPath(checkpoint.path).name)
+    problem = check_checkpoint(found)
+    if problem is not None:
+        raise CheckpointUnreadable(
+            f"cannot resume: the registered checkpoint is not readable: {problem}. Restore it, or start "
+            f"afresh under another train.run_name")
+    return found
 
 
 @dataclass
@@ -214,26 +249,29 @@ class ResumeState:
                 inner.state[master] = {k: v.to(master.device) for k, v in slots.items()}
 
 
-def load_checkpoint(directory: str | Path, weights, rank: int, world: int) -> ResumeState:
+def load_checkpoint(directory: str | Path | Storage, weights, rank: int, world: int) -> ResumeState:
     """Load weights into the (not yet partitioned) model; return step, counters, optimizer shard.
+    A checkpoint on an object store is copied to this node first (storage.node_cache).
 
     safetensors and JSON only: nothing in a checkpoint is unpickled.
     """
     from .weights import load_state_dict
 
-    d = Path(directory)
-    problem = check_checkpoint(d)
+    store = directory if isinstance(directory, Storage) else Storage(directory)
+    problem = check_checkpoint(store)
     if problem is not None:
-        raise ValueError(f"cannot resume: {problem}")
-    meta = json.loads((d / STATE_FILE).read_text())
-    load_state_dict(weights, load_file(str(d / f"{STUDENT}.safetensors")), STUDENT)
-    load_state_dict(weights, load_file(str(d / f"{TEACHER}.safetensors")), TEACHER)
-    shard, ema_shard = d / f"optimizer_rank{rank}.safetensors", d / f"ema_rank{rank}.safetensors"
-    optimizer = ema = None
-    if meta["world"] == world and shard.is_file():
-        optimizer = load_file(str(shard))
-        ema = load_file(str(ema_shard)) if ema_shard.is_file() else None
-    else:
-        warnings.warn(f"checkpoint was written by {meta['world']} learner ranks, now {world}: "
-                      "weights resume, the optimizer state and the fp32 EMA shadow start fresh")
-    return ResumeState(meta["step"], meta["counters"], str(d), optimizer, ema)
+        raise CheckpointUnreadable(f"cannot resume: {problem}")
+    with tempfile.TemporaryDirectory(prefix="dopsd-resume-", dir=node_cache("resume")) as tmp:
+        d = store.fetch_dir("", tmp)
+        meta = json.loads((d / STATE_FILE).read_text())
+        load_state_dict(weights, load_file(str(d / f"{STUDENT}.safetensors")), STUDENT)
+        load_state_dict(weights, load_file(str(d / f"{TEACHER}.safetensors")), TEACHER)
+        shard, ema_shard = d / f"optimizer_rank{rank}.safetensors", d / f"ema_rank{rank}.safetensors"
+        optimizer = ema = None
+        if meta["world"] == world and shard.is_file():
+            optimizer = load_file(str(shard))
+            ema = load_file(str(ema_shard)) if ema_shard.is_file() else None
+        else:
+            warnings.warn(f"checkpoint was written by {meta['world']} learner ranks, now {world}: "
+                          "weights resume, the optimizer state and the fp32 EMA shadow start fresh")
+    return ResumeState(meta["step"], meta["counters"], store.uri, optimizer, ema)

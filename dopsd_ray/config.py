@@ -271,8 +271,10 @@ class Config(Section):
         return self
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.train.output_dir) / self.train.run_name
+    def run_dir(self) -> str:
+        """train.output_dir / train.run_name: a path, or an object-store URI (storage.Storage)."""
+        out = self.train.output_dir
+        return f"{out.rstrip('/')}/{self.train.run_name}" if "://" in out else str(Path(out) / self.train.run_name)
 
 
 class ConfigError(ValueError):

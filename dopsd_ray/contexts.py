@@ -36,18 +36,17 @@ import hashlib
 import itertools
 import importlib.metadata
 import json
-import shutil
+import struct
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save
 
 from .data.batches import collate
 from .families import family_module
-from .storage import write_atomic
+from .storage import Storage, local_copy
 from . import process
 from .families import vlm as vlm_module
 
@@ -58,6 +57,7 @@ CONTEXT_SETTINGS = ("family", "dtype", "max_sequence_length", "teacher_max_seque
                     "vlm_min_pixels", "vlm_max_pixels")
 LIBRARIES = ("torch", "transformers", "tokenizers", "diffusers")
 FORMAT = "2"  # the entries' layout; bump it when it changes
+RECORD = "fingerprint.json"
 
 
 @dataclass(frozen=True)
@@ -140,40 +140,36 @@ def fingerprint_parts(model, model_path: str, memo: dict) -> tuple[dict[str, str
     return parts, files
 
 
-def read_record(root: Path) -> dict | None:
+def read_record(root: Storage) -> dict | None:
     """root/fingerprint.json: {"fingerprint", "parts", "files"}, or None for a new cache."""
-    record = Path(root) / "fingerprint.json"
-    return json.loads(record.read_text()) if record.is_file() else None
+    return json.loads(root.read_text(RECORD)) if root.is_file(RECORD) else None
 
 
-def open_root(root: Path, parts: dict[str, str], files: dict, old: dict | None) -> str:
+def open_root(root: Storage, parts: dict[str, str], files: dict, old: dict | None) -> str:
     """The fingerprint of `parts`; a cache at `root` filled for another one is emptied first."""
     fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     if old is not None and old["fingerprint"] != fingerprint:
         changed = sorted(k for k in parts.keys() | old["parts"].keys() if parts.get(k) != old["parts"].get(k))
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        print(f"context cache {root}: filled for another {', '.join(changed[:4])}{more}; emptying it to fill "
-              "it again", flush=True)
+        print(f"context cache {root.uri}: filled for another {', '.join(changed[:4])}{more}; emptying it to "
+              "fill it again", flush=True)
         for kind in KINDS:
-            shutil.rmtree(root / kind, ignore_errors=True)
-    for kind in KINDS:
-        (root / kind).mkdir(parents=True, exist_ok=True)
-    write_atomic(root / "fingerprint.json", lambda tmp: tmp.write_text(
-        json.dumps({"fingerprint": fingerprint, "parts": parts, "files": files}, indent=1)))
+            root.remove(kind)
+    root.write(RECORD, json.dumps({"fingerprint": fingerprint, "parts": parts, "files": files}, indent=1))
     return fingerprint
 
 
 # -- entries -----------------------------------------------------------------------------
 
 
-def entry_path(root: str | Path, fingerprint: str, kind: str, caption: str, image: torch.Tensor | None = None) -> Path:
-    """Where the `kind` context of `caption` (teacher: and its (3, H, W) image) lives."""
+def entry_name(fingerprint: str, kind: str, caption: str, image: torch.Tensor | None = None) -> str:
+    """Where, under the cache's root, the `kind` context of `caption` (teacher: and its (3, H, W) image) lives."""
     digest = hashlib.sha256(f"{fingerprint}\0{caption}".encode())
     if image is not None:
         image = image.detach().cpu().contiguous()
         digest.update(f"\0{tuple(image.shape)}\0{image.dtype}\0".encode())
         digest.update(image.view(torch.uint8).numpy())
-    return Path(root) / kind / f"{digest.hexdigest()}.safetensors"
+    return f"{kind}/{digest.hexdigest()}.safetensors"
 
 
 def split_context(context) -> list[tuple[dict[str, torch.Tensor], dict[str, str]]]:
@@ -204,13 +200,14 @@ def join_contexts(module, items: list[tuple[dict[str, torch.Tensor], dict[str, s
     return cls(**values)
 
 
-def write_entry(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+def write_entry(root: Storage, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    root.write(name, save(tensors, metadata=meta))
 
 
-def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+def read_entry(root: Storage, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    data = root.read_bytes(name)
+    (length,) = struct.unpack("<Q", data[:8])
+    return load(data), json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
 # -- the fill (once, before training) ------------------------------------------------------
@@ -227,10 +224,11 @@ def fill_context_cache(config: dict, model_path: str, data, root: str, prompts: 
     if something is missing. Entries no row of `data` needs are deleted.
     """
     cfg = process.begin(config)
-    start, root = time.perf_counter(), Path(root)
+    start, root, model_path = time.perf_counter(), Storage(root), local_copy(model_path)
     old = read_record(root)
     parts, files = fingerprint_parts(cfg.model, model_path, old["files"] if old else {})
     fingerprint = open_root(root, parts, files, old)
+    present = {f"{kind}/{name}" for kind in KINDS for name in root.listdir(kind)}
     family, wanted, computed = None, set(), 0
     rows = data.iter_rows() if hasattr(data, "iter_rows") else data
     latents = cfg.algorithm.name == "sft"
@@ -240,22 +238,23 @@ def fill_context_cache(config: dict, model_path: str, data, root: str, prompts: 
     extra = ((("student", prompt, None),) for prompt in prompts)
     for entries in itertools.chain(wanted_entries, extra):
         for kind, caption, image in entries:  # a training batch's exact (caption, image)
-            path = entry_path(root, fingerprint, kind, caption, image)
-            wanted.add(path)
-            if path.is_file():
+            name = entry_name(fingerprint, kind, caption, image)
+            wanted.add(name)
+            if name in present:
                 continue
             if family is None:
                 family = process.load(cfg, model_path, process.device(), transformer_device="cpu")
             if kind == "latent":
-                write_entry(path, {"x0": family.encode_images(image[None].to(family.device))[0].cpu()}, {})
+                write_entry(root, name, {"x0": family.encode_images(image[None].to(family.device))[0].cpu()}, {})
             else:
                 context = (family.student_context([caption]) if image is None
                            else family.teacher_context([caption], image[None].to(family.device)))
-                write_entry(path, *split_context(context.to("cpu"))[0])
+                write_entry(root, name, *split_context(context.to("cpu"))[0])
+                present.add(name)
             computed += 1
-    for stale in [p for kind in KINDS for p in (root / kind).glob("*.safetensors") if p not in wanted]:
-        stale.unlink()
-    return ContextCache(str(root), fingerprint, len(wanted), computed, time.perf_counter() - start)
+    for stale in sorted(present - wanted):
+        root.remove(stale)
+    return ContextCache(root.uri, fingerprint, len(wanted), computed, time.perf_counter() - start)
 
 
 # -- the lookup (learner ranks, rollout workers) -------------------------------------------
@@ -267,7 +266,9 @@ class CachedContexts:
     algorithm, the sample grids and the runtime take it for the family."""
 
     def __init__(self, family, cache: ContextCache):
-        record = read_record(Path(cache.root))
+        # on an object store: copied to this node once (it does not change during a run)
+        self.root = Storage(local_copy(cache.root, version=cache.fingerprint))
+        record = read_record(self.root)
         if record is None:
             raise FileNotFoundError(f"context cache {cache.root} is not on this node: put train.output_dir on "
                                     "storage every node sees, or set data.cache_contexts=false")
@@ -296,24 +297,24 @@ class CachedContexts:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """x0 from the cache when every image's latent is there (an SFT run's training images),
         else from the VAE, which never leaves (a sample grid's or evaluation's images)."""
-        paths = [entry_path(self.cache.root, self.cache.fingerprint, "latent", "", image) for image in images]
-        if not all(p.is_file() for p in paths):
+        names = [entry_name(self.cache.fingerprint, "latent", "", image) for image in images]
+        if not all(self.root.is_file(n) for n in names):
             return self.family.encode_images(images)
         self.family.check_images(images)
-        self.latent_hits += len(paths)
-        return torch.stack([read_entry(p)[0]["x0"] for p in paths]).to(self.family.device)
+        self.latent_hits += len(names)
+        return torch.stack([read_entry(self.root, n)[0]["x0"] for n in names]).to(self.family.device)
 
     def _lookup(self, kind: str, captions: list[str], images: list):
         items = []
         for caption, image in zip(captions, images):
-            path = entry_path(self.cache.root, self.cache.fingerprint, kind, caption, image)
-            if not path.is_file():
+            name = entry_name(self.cache.fingerprint, kind, caption, image)
+            if not self.root.is_file(name):
                 what = "" if image is None else f" and its {image.shape[-2]}x{image.shape[-1]} image"
                 raise ContextCacheMiss(
                     f"context cache {self.cache.root} has no {kind} context for caption {caption[:60]!r}{what}: it "
                     "holds the pairs of the data as they were when this run started, and the encoders were "
                     "released. Re-run to fill it from the current data, or set data.cache_contexts=false")
-            items.append(read_entry(path))
+            items.append(read_entry(self.root, name))
         self.hits += len(items)
         return join_contexts(self.module, items).to(self.family.device)
 

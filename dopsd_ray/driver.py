@@ -26,7 +26,6 @@ import math
 import os
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import ray
 import yaml
@@ -40,16 +39,19 @@ from .data.stream import read_shards, bundled_dataset_path, take_validation
 from .evaluation_job import evaluate_run
 from .families import base_model_path
 from .jobenv import in_ray_job, init_ray, output_dir
+from .checkpoint import RAY_TRAIN, checkpoint_uri
 from .learner import ExperienceQueue, LearnerInputs, Snapshots, train_loop_per_worker
-from .nodes import RolloutWatch, RolloutWorkersLost, on_driver_node
+from .nodes import RolloutWatch, RolloutWorkersLost, may_run_elsewhere, on_driver_node
 from .preview import validation_set
-from .preflight import check_resources, preflight
+from .preflight import check_resources, check_storage_reach, preflight
 from .progress import ProgressPrinter
 from .rollout import RolloutWorker
 from .stop import STOP_WAIT_ENV, RunStopped, StopFlag, StopSignals, StopWatch, fit, stop_wait_note
 from .sync.collective import CollectivePublisher
 from .sync.object_store import StorePublisher, WeightStore
-from .tracking import MlflowRun, tracking_uri
+from .storage import Storage
+from .tracking import MlflowRun, mlflow_ui_command, tracking_uri
+from .tracking_server import run_tracking
 
 
 def placement(resources: dict[str, float]) -> dict:
@@ -70,31 +72,34 @@ def weight_sync(rt: RuntimeConfig, workers: list) -> tuple:
 
 
 def train(cfg: Config) -> dict:
-    cfg.train.output_dir = str(output_dir(cfg.train.output_dir))  # workers may run elsewhere
+    cfg.train.output_dir = output_dir(cfg.train.output_dir)  # workers may run elsewhere
     preflight(cfg)  # paths, and resources when Ray would start here: fails before any Ray work
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Storage(cfg.run_dir)  # a folder, a shared mount, or an object store
     if not ray.is_initialized():
         init_ray()  # a local Ray, or the cluster named by RAY_ADDRESS (ray job submit)
     check_resources(cfg)  # against the cluster itself, before any actor or trainer starts
+    spread = may_run_elsewhere(cfg)  # a learner or rollout worker may run on another node
+    check_storage_reach(cfg)  # the driver and every node reach train.output_dir, before any weights load
     model_path = base_model_path(cfg)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    run.write("config.yaml", config_yaml)
     if in_ray_job() and not os.environ.get(STOP_WAIT_ENV):
         print(stop_wait_note(), flush=True)
-    with StopSignals() as signals:  # from here on, SIGTERM / SIGINT stop the run with a checkpoint
-        mlflow = MlflowRun.start_or_resume(cfg)
+    # from here on, SIGTERM / SIGINT stop the run with a checkpoint
+    with StopSignals() as signals, run_tracking(cfg, spread, ray.util.get_node_ip_address()) as uri:
+        mlflow = MlflowRun.start_or_resume(cfg, uri)
+        mlflow.log_text(config_yaml, "config.yaml")
         try:
-            summary = run_pipeline(cfg, run_dir, model_path, mlflow, signals)
+            summary = run_pipeline(cfg, run, model_path, mlflow, signals)
         except BaseException:
             mlflow.end("KILLED" if signals.signum else "FAILED")
             raise
-    mlflow.end("FINISHED")
+        mlflow.end("FINISHED")
     return summary
 
 
-def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun, signals: StopSignals) -> dict:
+def run_pipeline(cfg: Config, run: Storage, model_path: str, mlflow: MlflowRun, signals: StopSignals) -> dict:
     """Data -> rollout workers -> learner -> export, inside the MLflow run `mlflow`."""
-    mlflow.log_artifact(str(run_dir / "config.yaml"))
 
     # 1. data (in a fixed order, so runs with the same seeds see the same batches)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -107,12 +112,12 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
     rt = cfg.runtime
 
     # 1b. every pair's contexts, computed once before training (learners and workers then free their encoders)
-    contexts = fill_contexts(cfg, run_dir, model_path, pairs, validation, mlflow) if cfg.data.cache_contexts else None
+    contexts = fill_contexts(cfg, run, model_path, pairs, validation, mlflow) if cfg.data.cache_contexts else None
 
     # 2. the one place the run's mode is chosen: where the learners' micro-batches come from
     #    (the data stream, or rollout workers' experiences), and whom they publish snapshots to
     inputs = LearnerInputs(cfg.model_dump(mode="json"), model_path, validation=validation,
-                           tracking=(tracking_uri(cfg), mlflow.run_id), contexts=contexts)
+                           tracking=(mlflow.tracking_uri, mlflow.run_id), contexts=contexts)
     workers, runs, datasets, watch = [], [], {"train": dataset}, None
     if rt.mode == "disaggregated":
         workers, runs, publisher, queue = start_rollout(cfg, model_path, dataset, contexts)
@@ -126,7 +131,7 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
     inputs.progress = Queue(actor_options=on_driver_node())
     stop_flag = ray.remote(StopFlag).options(**on_driver_node()).remote()
     inputs.stop = StopWatch(stop_flag)
-    trainer = learner_group(cfg, run_dir, inputs, datasets)
+    trainer = learner_group(cfg, run, inputs, datasets)
     printer = ProgressPrinter(inputs.progress, cfg.train.log_every)  # draws while fit() blocks
     printer.start()
     start = time.perf_counter()
@@ -144,12 +149,13 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
     learner = result.return_value or {}  # rank 0's: {"step", "counters", "stopped", "interrupted", "node_id"}
     raise_if_stopped(cfg, result, learner, watch, signals, mlflow)
     summary = {
-        "run_dir": str(run_dir),
-        "export": str(run_dir / "export"),  # the last export; intermediate ones in export/step_NNNNNN
-        "samples": str(run_dir / "samples"),  # the sample grids, step_NNNNNN.png
-        "mlflow_tracking_uri": tracking_uri(cfg),
+        "run_dir": run.uri,
+        "export": run.name_uri("export"),  # the last export; intermediate ones in export/step_NNNNNN
+        "samples": run.name_uri("samples"),  # the sample grids, step_NNNNNN.png
+        "mlflow_tracking_uri": tracking_uri(cfg),  # the store (a server of the driver's serves it only while it runs)
+        "mlflow_ui": mlflow_ui_command(cfg),
         "mlflow_run_id": mlflow.run_id,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint_uri(cfg, result.checkpoint),
         "final_metrics": result.metrics,
         "data": data_stats.as_dict(),
         "contexts": None if contexts is None else asdict(contexts),
@@ -162,11 +168,11 @@ def run_pipeline(cfg: Config, run_dir: Path, model_path: str, mlflow: MlflowRun,
     # 4. evaluation (eval.at_end): the export against the base, the job jobs/evaluate.py runs,
     #    as a task with the learner's resources (a GPU on real models), logged into this run
     if cfg.eval.at_end:
-        summary["eval"] = evaluate_at_end(cfg, run_dir, model_path, summary["export"], mlflow)
+        summary["eval"] = evaluate_at_end(cfg, run, model_path, summary["export"], mlflow)
     return summary
 
 
-def learner_group(cfg: Config, run_dir: Path, inputs: LearnerInputs, datasets: dict) -> TorchTrainer:
+def learner_group(cfg: Config, run: Storage, inputs: LearnerInputs, datasets: dict) -> TorchTrainer:
     """Ray Train's group of runtime.num_learners learner ranks (learner/loop.py), restarted from
     the last checkpoint up to runtime.max_failures times."""
     rt = cfg.runtime
@@ -177,7 +183,7 @@ def learner_group(cfg: Config, run_dir: Path, inputs: LearnerInputs, datasets: d
         scaling_config=ScalingConfig(num_workers=rt.num_learners, use_gpu=use_gpu,
                                      resources_per_worker=dict(rt.learner_resources)),
         run_config=RunConfig(
-            name=cfg.train.run_name, storage_path=str(run_dir / "ray_train"),
+            name=cfg.train.run_name, storage_path=run.name_uri(RAY_TRAIN),
             failure_config=FailureConfig(max_failures=rt.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -192,7 +198,7 @@ def raise_if_stopped(cfg: Config, result, learner: dict, watch, signals: StopSig
     the learners gave up (non-finite steps), or a signal stopped it (no evaluation then)."""
     if watch is not None and watch.lost:
         raise RolloutWorkersLost(watch.lost)
-    last = result.checkpoint.path if result.checkpoint else None
+    last = checkpoint_uri(cfg, result.checkpoint)
     if learner.get("stopped"):  # the learners gave up cleanly (non-finite steps), not a crash
         raise FloatingPointError(f"{learner['stopped']} Last checkpoint: "
                                  f"{last or 'none yet (no good step reached train.checkpoint_every)'}")
@@ -203,12 +209,12 @@ def raise_if_stopped(cfg: Config, result, learner: dict, watch, signals: StopSig
                          f"Re-run with train.run_name={cfg.train.run_name} to resume from it.", signals.signum)
 
 
-def fill_contexts(cfg: Config, run_dir: Path, model_path: str, pairs, validation, mlflow: MlflowRun):
+def fill_contexts(cfg: Config, run: Storage, model_path: str, pairs, validation, mlflow: MlflowRun):
     """data.cache_contexts: every pair's contexts, and the text contexts of the grids' prompts
     (their pairs' teacher contexts are the data's), in a task on the learner's resources."""
     fill = ray.remote(fill_context_cache).options(**placement(cfg.runtime.learner_resources))
     prompts = validation.prompts if validation is not None else []
-    contexts = ray.get(fill.remote(cfg.model_dump(mode="json"), model_path, pairs, str(run_dir / "context_cache"),
+    contexts = ray.get(fill.remote(cfg.model_dump(mode="json"), model_path, pairs, run.name_uri("context_cache"),
                                    prompts))
     print(f"context cache: {contexts.entries} contexts, {contexts.computed} computed now, "
           f"{contexts.seconds:.1f} s", flush=True)
@@ -217,10 +223,10 @@ def fill_contexts(cfg: Config, run_dir: Path, model_path: str, pairs, validation
     return contexts
 
 
-def evaluate_at_end(cfg: Config, run_dir: Path, model_path: str, export: str, mlflow: MlflowRun) -> dict:
+def evaluate_at_end(cfg: Config, run: Storage, model_path: str, export: str, mlflow: MlflowRun) -> dict:
     task = ray.remote(evaluate_run).options(**placement({"CPU": 1, **cfg.runtime.learner_resources}))
     return ray.get(task.remote(cfg.model_dump(mode="json"), model_path, {cfg.train.run_name: export},
-                               str(run_dir / "eval"), mlflow, cfg.train.steps))
+                               run.name_uri("eval"), mlflow, cfg.train.steps))
 
 
 def start_rollout(cfg: Config, model_path: str, dataset, contexts, worker_class=RolloutWorker) -> tuple:

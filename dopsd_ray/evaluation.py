@@ -203,6 +203,7 @@ class Evaluation:
     scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # model -> metric -> per seed
     previews: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # model -> kind -> first samples
     preview_prompts: dict[str, list[str]] = field(default_factory=dict)  # kind -> their prompts
+    models: dict[str, str] = field(default_factory=dict)  # name -> where its weights came from
 
     def summary(self) -> dict[str, dict[str, dict]]:
         """model -> metric -> {"mean", "std" (population, over seeds), "per_seed"}."""

@@ -36,6 +36,7 @@ from PIL import Image
 
 from . import process
 from .config import Config
+from .storage import Storage, local_copy
 from .data.shards import list_sources, load_row
 from .embeddings import Embedder, FrechetDistance, PromptAlignment, ReferenceSimilarity, check_weights_path
 from .evaluation import Evaluation, Prompt, Settings, evaluate, load_prompts, markdown_table, preview_grids
@@ -147,47 +148,60 @@ def toy_metric(cfg: Config, model_path: str, prompts: list[Prompt]):
 
 def run(cfg: Config, model_path: str, exports: dict[str, str | Path], out: str | Path, sink=None, step: int = 0,
         log=print) -> Evaluation:
-    """Evaluate the base and `exports` (name -> path), write the results under `out`, log them to `sink`."""
+    """Evaluate the base and `exports` (name -> path or URI), write the results under `out` (a
+    path or a URI), log them to `sink`."""
     prompts = check_inputs(cfg)
+    exports = {name: local_copy(path) for name, path in exports.items()}  # an export on an object store: here
     for path in exports.values():
         problem = export_problem(path)
         if problem:
             raise ValueError(problem)
     device = process.device()
+    model_path = local_copy(model_path)
     metrics = weight_metrics(cfg, device)
     if cfg.model.family == "toy":
         metrics.append(toy_metric(cfg, model_path, prompts))
     family = process.load(cfg, model_path, device)
     result = evaluate(family, exports, prompts, settings_for(cfg, family.pixel_multiple), metrics, log)
-    write(result, Path(out), {"base": model_path, **{k: str(v) for k, v in exports.items()}})
+    result.models = {"base": model_path, **{k: str(v) for k, v in exports.items()}}
+    write(result, out)
     if sink is not None:
-        log_results(sink, result, out, step)
+        log_results(sink, result, step)
     return result
 
 
-def write(result: Evaluation, out: Path, models: dict[str, str]) -> None:
-    """results.json, table.md and samples_<kind>.png under `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+def report_files(result: Evaluation) -> dict:
+    """name -> text or PIL image: results.json, table.md, samples_<kind>.png."""
     summary = result.summary()
-    report = {"settings": asdict(result.settings), "models": models, "scores": summary}
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "table.md").write_text(markdown_table(summary) + "\n")
-    for kind, grid in preview_grids(result).items():
-        grid.save(out / f"samples_{kind}.png")
+    report = {"settings": asdict(result.settings), "models": result.models, "scores": summary}
+    return {"results.json": json.dumps(report, indent=2) + "\n", "table.md": markdown_table(summary) + "\n",
+            **{f"samples_{kind}.png": grid for kind, grid in preview_grids(result).items()}}
 
 
-def log_results(sink, result: Evaluation, out: str | Path, step: int = 0) -> None:
-    """eval/<model>/<metric> (mean over seeds) and ..._std to a MetricSink at `step`; the files
-    write() made in `out` as artifacts under eval/ (only those: `out` may hold an MLflow store)."""
+def write(result: Evaluation, out: str | Path) -> None:
+    """results.json, table.md and samples_<kind>.png under `out` (a path or a URI)."""
+    store = Storage(out)
+    for name, content in report_files(result).items():
+        if isinstance(content, str):
+            store.write(name, content)
+        else:
+            store.write_with(name, lambda p, image=content: image.save(p, format="PNG"))
+
+
+def log_results(sink, result: Evaluation, step: int = 0) -> None:
+    """eval/<model>/<metric> (mean over seeds) and ..._std to a MetricSink at `step`; write()'s
+    files as artifacts under eval/."""
     metrics = {}
     for model, scores in result.summary().items():
         for name, s in scores.items():
             metrics[f"eval/{model}/{name}"] = s["mean"]
             metrics[f"eval/{model}/{name}_std"] = s["std"]
     sink.log_metrics(metrics, step=step)
-    out = Path(out)
-    for file in [out / "results.json", out / "table.md", *sorted(out.glob("samples_*.png"))]:
-        sink.log_artifact(str(file), "eval")
+    for name, content in report_files(result).items():
+        if isinstance(content, str):
+            sink.log_text(content, f"eval/{name}")
+        else:
+            sink.log_image(content, f"eval/{name}")
 
 
 def evaluate_run(config: dict, model_path: str, exports: dict[str, str], out: str, sink=None, step: int = 0) -> dict:

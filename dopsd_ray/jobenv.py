@@ -13,6 +13,8 @@ import ray
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray._private.services import canonicalize_bootstrap_address
 
+from .storage import is_uri
+
 
 def init_ray(**kwargs) -> None:
     """ray.init(**kwargs): a new local Ray, or the cluster that `address` or RAY_ADDRESS (or, with
@@ -47,14 +49,17 @@ def in_ray_job() -> bool:
     return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
 
 
-def output_dir(path: str) -> Path:
-    """train.output_dir made absolute. A relative path is taken from the current directory,
+def output_dir(path: str) -> str:
+    """train.output_dir made absolute (an object-store URI stays as it is). A relative path is
+    taken from the current directory,
     except under `ray job submit`: there the current directory is the job's unpacked working
     dir, which Ray deletes, so it is taken from ~/dopsd-ray on the driver's node instead (and
     says so)."""
+    if is_uri(path):
+        return path.rstrip("/")
     out = Path(path).expanduser()
     if not out.is_absolute() and in_ray_job():
         out = (Path.home() / "dopsd-ray" / out).resolve()
         print(f"train.output_dir is relative, and Ray deletes a job's working dir: outputs go to {out} on this "
               "node (set an absolute train.output_dir on shared storage to choose)", flush=True)
-    return out.resolve()
+    return str(out.resolve())

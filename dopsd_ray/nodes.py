@@ -39,6 +39,21 @@ def on_driver_node() -> dict:
     return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
 
+def may_run_elsewhere(cfg) -> bool:
+    """Could a learner rank or rollout worker of run `cfg` run on another node than the driver's?
+    Yes when the cluster has other nodes, or when this node cannot host them (an autoscaler
+    would add nodes that can). Then the driver's disk is not theirs (tracking_server.py,
+    preflight.check_storage_reach)."""
+    here = ray.get_runtime_context().get_node_id()
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if any(n["NodeID"] != here for n in alive):
+        return True
+    mine = next((n["Resources"] for n in alive if n["NodeID"] == here), {})
+    rt = cfg.runtime
+    needs = [rt.learner_resources] + ([rt.rollout_resources] if rt.rollout_workers else [])
+    return not all(all(mine.get(k, 0) >= v for k, v in need.items()) for need in needs)
+
+
 def missing_resources(resources: dict[str, float]) -> dict[str, float]:
     """The part of `resources` (one process's, e.g. runtime.rollout_resources) that no alive
     node has in total; empty when some node could place it (perhaps once it is free)."""

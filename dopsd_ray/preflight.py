@@ -16,17 +16,32 @@ earlier still, in config.load_config.)
 
 import os
 import re
+import uuid
 from pathlib import Path
 
 import ray
 
 from .config import Config, ConfigError
 from .data.shards import check_table, is_table
+from .storage import Storage
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+PLACEHOLDER = "YOUR-BUCKET"  # the recipes' bucket, for the user to replace
+
+
+def check_placeholders(cfg: Config) -> None:
+    data = cfg.data.path
+    for key, value in [("train.output_dir", cfg.train.output_dir),
+                       *[("data.path", p) for p in ([data] if isinstance(data, str) else data or [])]]:
+        if PLACEHOLDER in str(value):
+            raise ConfigError(f"{key}={value!r} is the recipe's placeholder: replace {PLACEHOLDER} with your "
+                              f"bucket, e.g. {key}={str(value).replace(PLACEHOLDER, 'my-bucket')}")
+
+
 def check_paths(cfg: Config) -> None:
+    check_placeholders(cfg)
     path = cfg.model.path
     if path is not None and not Path(path).exists() and not HUB_ID.match(path):
         raise ConfigError(f"model.path={path!r}: no such directory, and not a hub id like 'Tongyi-MAI/Z-Image-Turbo'")
@@ -133,6 +148,63 @@ def check_resources(cfg: Config, total: dict[str, float] | None = None, where: s
                    if rt.rollout_workers else "")
                 + f" and the data stream (1 CPU) need {v:g} {k} but {where} has {total.get(k, 0):g}; lower "
                 "runtime.num_learners / runtime.num_rollout_workers or their *_resources, or add nodes")
+
+
+def _probe(root: str, name: str, token: str, reply: str) -> str | None:
+    """On one node: None if it reads `token` back from `name` under `root` and can write `reply`."""
+    try:
+        store = Storage(root)
+        if not store.is_file(name):
+            return "does not see it"
+        if store.read_text(name) != token:
+            return "sees another file there"
+        store.write(reply, token)
+    except OSError as err:
+        return f"cannot read or write it ({err})"
+    return None
+
+
+def node_label(node: dict) -> str:
+    """A node as a user finds it: its address and its custom resources (what the recipe asks for)."""
+    custom = sorted(k for k in node["Resources"] if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                    and not k.startswith("node:") and not k.startswith("accelerator_type"))
+    return f"node {node['NodeManagerAddress']} ({', '.join(custom) or 'no custom resources'})"
+
+
+def check_storage_reach(cfg: Config, timeout_s: float = 120.0) -> None:
+    """Every node a learner rank or rollout worker may run on reads and writes train.output_dir:
+    the driver writes a sentinel there, a 0-CPU task pinned to each such node reads it back
+    and writes its own reply. One ConfigError line naming the first node that cannot."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    root, rt = cfg.train.output_dir, cfg.runtime
+    needs = [rt.learner_resources] + ([rt.rollout_resources] if rt.rollout_workers else [])
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != ray.get_runtime_context().get_node_id()
+             and any(all(n["Resources"].get(k, 0) >= v for k, v in need.items() if k not in ("CPU", "GPU"))
+                     for need in needs)]
+    store, token = Storage(root), uuid.uuid4().hex
+    name = f".dopsd-reach-{token}"
+    try:
+        store.write(name, token)
+    except OSError as err:
+        raise ConfigError(f"train.output_dir={root!r}: the driver cannot write there ({err})") from None
+    if not nodes:
+        store.remove(name)
+        return
+    probe = ray.remote(_probe)
+    try:
+        refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(store.uri, name, token, f"{name}.{i}") for i, n in enumerate(nodes)]
+        for i, (node, problem) in enumerate(zip(nodes, ray.get(refs, timeout=timeout_s))):
+            if problem is None and not store.is_file(f"{name}.{i}"):
+                problem = "writes where the driver does not see it"
+            if problem:
+                raise ConfigError(
+                    f"train.output_dir={root!r}: {node_label(node)} {problem}; the cluster's nodes share no disk "
+                    "there: use an object store (train.output_dir=s3://BUCKET/runs) or a mount every node has")
+    finally:
+        for n in [name] + [f"{name}.{i}" for i in range(len(nodes))]:
+            store.remove(n)
 
 
 def starts_local_ray() -> bool:

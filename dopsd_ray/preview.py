@@ -24,11 +24,11 @@ partitioned weights); only the rank that shows the grid decodes (decode=False el
 """
 
 import json
+import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from .algorithms.sampling import euler_sample
 from .algorithms.steps import velocity_fn
@@ -138,27 +138,24 @@ def validation_grid(val: ValidationSet, student: torch.Tensor, teacher: torch.Te
     return sample_grid(rows, labels, val.prompts)
 
 
-def save_base(path: str | Path, images: torch.Tensor, val: ValidationSet, num_steps: int) -> torch.Tensor:
-    """Save the base row as uint8 pixels (what the grid shows, exactly), with what it was made
-    for; returns those pixels."""
+def save_base(store, name: str, images: torch.Tensor, val: ValidationSet, num_steps: int) -> torch.Tensor:
+    """Save the base row as `name` in `store` (a storage.Storage) as uint8 pixels (what the grid
+    shows, exactly), with what it was made for; returns those pixels."""
     pixels = to_uint8(images)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"images": pixels}, str(path), metadata=val.made_for(num_steps))
+    store.write(name, save({"images": pixels}, metadata=val.made_for(num_steps)))
     return pixels
 
 
-def load_base(path: str | Path, val: ValidationSet, num_steps: int) -> torch.Tensor | None:
+def load_base(store, name: str, val: ValidationSet, num_steps: int) -> torch.Tensor | None:
     """The saved base row, or None when it is missing or was made for other prompts, seeds,
     size or step count."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
+    if not store.is_file(name):
         return None
-    with safe_open(str(path), framework="pt") as f:
-        if f.metadata() != val.made_for(num_steps):
-            return None
-    return load_file(str(path))["images"]
+    data = store.read_bytes(name)
+    (length,) = struct.unpack("<Q", data[:8])
+    if json.loads(data[8:8 + length]).get("__metadata__") != val.made_for(num_steps):
+        return None
+    return load(data)["images"]
 
 
 def pixel_gaps(samples: torch.Tensor, targets: torch.Tensor) -> list[float]:

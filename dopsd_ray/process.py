@@ -34,8 +34,10 @@ def load(cfg: Config, model_path: str, device: "torch.device | str", contexts=No
          transformer_device: "torch.device | str | None" = None):
     """The family from `model_path`: encoders and VAE on `device`, the transformer on
     `transformer_device` (default `device`). With `contexts` (data.cache_contexts) contexts
-    are read from the cache and the encoders leave the GPU."""
+    are read from the cache and the encoders leave the GPU. A model on an object store is
+    copied to this node first."""
     from .families import load_family
+    from .storage import local_copy
 
-    family = load_family(cfg.model, model_path, device=device, transformer_device=transformer_device)
+    family = load_family(cfg.model, local_copy(model_path), device=device, transformer_device=transformer_device)
     return family if contexts is None else contexts.wrap(family)  # a contexts.ContextCache

@@ -3,11 +3,13 @@
 Where runs go (first match wins):
   1. the MLFLOW_TRACKING_URI environment variable (a shared server on clusters),
   2. cfg.tracking.tracking_uri,
-  3. a SQLite file under the run's output dir, run_dir/mlflow.db, with artifacts in
-     run_dir/mlartifacts. Browse it with
-     `mlflow ui --backend-store-uri sqlite:///<abs run_dir>/mlflow.db`.
+  3. a SQLite file on the driver's disk, run_dir/mlflow.db (a node cache when run_dir is
+     an object store: local_store), with artifacts in run_dir/mlartifacts. Browse it with
+     `mlflow ui --backend-store-uri sqlite:///<abs run_dir>/mlflow.db`. When the run's
+     processes may be on other nodes, the driver serves this store to them through an
+     `mlflow server` of its own (tracking_server.py).
 
-The driver calls `MlflowRun.start_or_resume(cfg)` once; it writes the run id to
+The driver calls `MlflowRun.start_or_resume(cfg, uri)` once; it writes the run id to
 run_dir/mlflow_run_id.txt, so a restarted job (Ray Train FailureConfig restart, or a
 resubmitted `ray job`) appends to the same run. Other processes (learner rank 0 inside
 a Ray Train worker) get a handle with `MlflowRun.attach(tracking_uri, run_id)`; pass
@@ -31,9 +33,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from .config import Config, flatten
-from .storage import write_atomic
+from .storage import Storage, is_uri, join, node_cache
 
 RUN_ID_FILE = "mlflow_run_id.txt"
+STORE_FILE = "mlflow.db"
 NONFINITE_METRIC = "tracking/skipped_nonfinite_metrics"
 _MAX_METRICS_PER_BATCH = 1000
 
@@ -48,6 +51,8 @@ class MetricSink(Protocol):
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
 
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
     def set_tag(self, key: str, value: Any) -> None: ...
 
 
@@ -58,6 +63,7 @@ class ListSink:
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self.images: dict[str, Any] = {}
         self.artifacts: list[tuple[str, str | None]] = []
+        self.texts: dict[str, str] = {}
         self.tags: dict[str, str] = {}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -69,27 +75,47 @@ class ListSink:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.artifacts.append((str(path), artifact_path))
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.texts[artifact_file] = text
+
     def set_tag(self, key: str, value: Any) -> None:
         self.tags[key] = str(value)
 
 
+def configured_uri(cfg: Config) -> str | None:
+    """MLFLOW_TRACKING_URI, else cfg.tracking.tracking_uri, else None (the default local store)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri or None
+
+
+def local_store(cfg: Config) -> Path:
+    """The folder of the default SQLite store, on this node: the run dir, or, when that is an
+    object store, a folder of this node's cache (its mlflow.db is copied to the run dir at the end)."""
+    if is_uri(cfg.run_dir):
+        return node_cache("mlflow", cfg.run_dir.split("://", 1)[1].replace("/", "_"))
+    return Storage(cfg.run_dir).make_dir()
+
+
 def tracking_uri(cfg: Config) -> str:
-    """MLFLOW_TRACKING_URI, else cfg.tracking.tracking_uri, else sqlite under the run dir."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
-    run_dir = cfg.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{run_dir}/mlflow.db"
+    """MLFLOW_TRACKING_URI, else cfg.tracking.tracking_uri, else SQLite in local_store(cfg)."""
+    return configured_uri(cfg) or f"sqlite:///{local_store(cfg)}/{STORE_FILE}"
+
+
+def artifacts_destination(cfg: Config) -> str:
+    """Where the default store keeps artifacts: run_dir/mlartifacts (a path, or a URI)."""
+    return join(cfg.run_dir, "mlartifacts") if is_uri(cfg.run_dir) else (Path(cfg.run_dir).resolve() / "mlartifacts").as_uri()
+
+
+def mlflow_ui_command(cfg: Config) -> str:
+    """The command that browses run `cfg`'s store after the run (its artifacts included)."""
+    uri = tracking_uri(cfg)
+    if configured_uri(cfg):
+        return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --artifacts-destination {artifacts_destination(cfg)}"
 
 
 def _artifact_location(uri: str, cfg: Config) -> str | None:
     """Local SQLite stores keep artifacts next to the run; servers choose their own."""
-    if not uri.startswith("sqlite:"):
-        return None
-    return (cfg.run_dir.resolve() / "mlartifacts").as_uri()
+    return artifacts_destination(cfg) if uri.startswith("sqlite:") else None
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -117,11 +143,11 @@ def _params(cfg: Config) -> list[Param]:
     return params
 
 
-def _existing_run_id(client: MlflowClient, run_id_file: Path) -> str | None:
+def _existing_run_id(client: MlflowClient, store: Storage) -> str | None:
     """The stored run id, if the file exists and the run still lives in the store."""
-    if not run_id_file.is_file():
+    if not store.is_file(RUN_ID_FILE):
         return None
-    run_id = run_id_file.read_text().strip()
+    run_id = store.read_text(RUN_ID_FILE).strip()
     if not run_id:
         return None
     try:
@@ -154,15 +180,14 @@ class MlflowRun:
         return run
 
     @classmethod
-    def start_or_resume(cls, cfg: Config) -> "MlflowRun":
-        """Create the run on the first start; reuse it (run id in run_dir) on restarts."""
-        uri = tracking_uri(cfg)
+    def start_or_resume(cls, cfg: Config, uri: str | None = None) -> "MlflowRun":
+        """Create the run on the first start; reuse it (run id in run_dir) on restarts. `uri`:
+        the store to use (the driver's tracking server), else tracking_uri(cfg)."""
+        uri = uri or tracking_uri(cfg)
         client = MlflowClient(tracking_uri=uri)
-        run_dir = cfg.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_id_file = run_dir / RUN_ID_FILE
+        store = Storage(cfg.run_dir)
 
-        run_id = _existing_run_id(client, run_id_file)
+        run_id = _existing_run_id(client, store)
         if run_id is not None:
             if client.get_run(run_id).info.status != RunStatus.to_string(RunStatus.RUNNING):
                 client.update_run(run_id, status="RUNNING")
@@ -173,13 +198,13 @@ class MlflowRun:
         run = client.create_run(
             exp_id,
             run_name=cfg.train.run_name,
-            tags={"dopsd.run_dir": str(run_dir.resolve())},
+            tags={"dopsd.run_dir": store.uri},
         )
         run_id = run.info.run_id
         params = _params(cfg)
         for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
             client.log_batch(run_id, params=params[i : i + MAX_PARAMS_TAGS_PER_BATCH])
-        write_atomic(run_id_file, run_id + "\n")
+        store.write(RUN_ID_FILE, run_id + "\n")
         return cls(uri, run_id)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:

@@ -88,11 +88,11 @@ def main(argv=None) -> int:
     print(markdown_table(result.summary()))
     if run_dir is not None:
         sink = MlflowRun.attach(tracking_uri(cfg), (run_dir / RUN_ID_FILE).read_text().strip())
-        log_results(sink, result, out, step=cfg.train.steps)
+        log_results(sink, result, step=cfg.train.steps)
     else:  # a run of its own, its store and id file in --out
         cfg.train.output_dir, cfg.train.run_name = str(out.parent), out.name
         sink = MlflowRun.start_or_resume(cfg)
-        log_results(sink, result, out)
+        log_results(sink, result)
         sink.end("FINISHED")
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}; MLflow run {sink.run_id} at {sink.tracking_uri}")
     return 0

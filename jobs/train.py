@@ -30,6 +30,7 @@ def main(argv=None) -> int:
 
     from dopsd_ray.driver import train
     from dopsd_ray.stop import RunStopped
+    from dopsd_ray.storage import Storage
 
     try:
         summary = train(cfg)
@@ -47,8 +48,8 @@ def main(argv=None) -> int:
     print(f"exported weights: {summary['export']}")
     print(f"last checkpoint: {summary['checkpoint']}")
     print(f"MLflow run:      {summary['mlflow_run_id']}")
-    print(f"  browse with:   mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
-    (Path(summary["run_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"  browse with:   {summary['mlflow_ui']}")
+    Storage(summary["run_dir"]).write("summary.json", json.dumps(summary, indent=2, default=str))
     return 0
 
 

@@ -7,7 +7,13 @@ scheduled on it), learner nodes and rollout nodes told apart by a custom resourc
 the recipe asks for in runtime.learner_resources / runtime.rollout_resources.
 """
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
@@ -41,10 +47,42 @@ class NodeCluster:
             time.sleep(0.2)
         return node.node_id
 
+    def add_own_disk(self, kind: str, hidden: list[Path], env: dict | None = None) -> str:
+        """Start a node of `kind` as its own machine's disk would be: in a mount namespace of its
+        own (`unshare --mount`) with an empty private tmpfs over each folder in `hidden`, so it
+        sees none of the files the head (and every other node) keeps there. `env`: the node's
+        environment on top of this process's (credentials, an S3 endpoint). Its processes (the
+        raylet, its workers, what they start) are one process group; returns its node id."""
+        known = {n["NodeID"] for n in ray.nodes()}
+        mounts = " && ".join(f"mkdir -p {d} && mount -t tmpfs tmpfs {d}" for d in map(str, hidden))
+        start = " ".join([sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={self.cluster.address}",
+                          f"--num-cpus={NODE_CPUS}", f"--resources='{json.dumps({kind: 1})}'",
+                          f"--object-store-memory={OBJECT_STORE_BYTES}", "--block"])
+        process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                    f"{mounts} && exec {start}"], env={**os.environ, **(env or {})},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            new = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in known and n["Resources"].get(kind)]
+            if new:
+                break
+            assert process.poll() is None, f"the {kind} node's `ray start` exited ({process.returncode})"
+            assert time.monotonic() < deadline, f"the {kind} node did not join within 120 s"
+            time.sleep(0.2)
+        self.nodes[new[0]["NodeID"]] = (kind, process)
+        return new[0]["NodeID"]
+
     def remove(self, node_id: str) -> None:
         """Take a node away at once, processes and object store with it (spot preemption)."""
         _, node = self.nodes.pop(node_id)
-        self.cluster.remove_node(node, allow_graceful=False)
+        if isinstance(node, subprocess.Popen):  # a node with its own disk: its whole process group
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            node.wait()
+        else:
+            self.cluster.remove_node(node, allow_graceful=False)
 
     def of_kind(self, kind: str) -> list[str]:
         return [i for i, (k, _) in self.nodes.items() if k == kind]

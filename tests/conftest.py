@@ -66,3 +66,57 @@ def ray_cluster():
     cluster = NodeCluster()
     yield cluster
     cluster.shutdown()
+
+
+class S3:
+    """An S3-protocol server on loopback: `uri(key)` names an object in its bucket; `env` is what a
+    process needs to reach it (a real cluster's nodes have it from their instance profile and
+    AWS_ENDPOINT_URL, or no endpoint at all on AWS)."""
+
+    def __init__(self, port: int, bucket: str):
+        self.bucket = bucket
+        self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key}".rstrip("/")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server as a process of its own, one bucket in it, and its endpoint and test
+    credentials in this process's environment (so every Ray started afterwards has them)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = S3(port, "dopsd-test")
+    saved = {k: os.environ.get(k) for k in store.env}
+    os.environ.update(store.env)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "the S3 server did not start"
+            time.sleep(0.2)
+    fs = pafs.S3FileSystem(endpoint_override=store.env["AWS_ENDPOINT_URL"], region="us-east-1",
+                           allow_bucket_creation=True)
+    fs.create_dir(store.bucket)
+    yield store
+    server.terminate()
+    server.wait()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -314,3 +314,28 @@ def test_recipes_fit_on_the_nodes_up_at_start(recipe):
         assert fits, f"{recipe.name}: no node type can hold {want}"
         up = sum(min(t["resources"].get(k, 0) // v for k, v in want.items()) * t.get("min_workers", 0) for t in fits)
         assert up >= n, f"{recipe.name}: {n} x {want} but min_workers nodes hold {up}"
+
+
+# ------------------------------------------------------------ storage: nodes share no disk
+def storage_problems(cfg: dict, output_dirs: set[str]) -> list[str]:
+    """Every output_dir is an object-store URI (aws.yaml mounts no shared disk) and every GPU
+    node type carries an instance profile, so its processes can use the bucket."""
+    problems = [f"train.output_dir {d} is a path on one node's disk: the cluster's nodes share none; use s3://"
+                for d in sorted(output_dirs) if "://" not in d]
+    for name, node_type in cfg["available_node_types"].items():
+        if name != cfg["head_node_type"] and "IamInstanceProfile" not in node_type["node_config"]:
+            problems.append(f"{name}: no IamInstanceProfile: its learners or rollout workers cannot reach the bucket")
+    return problems
+
+
+def test_cluster_recipes_keep_their_files_where_every_node_reaches():
+    from test_kuberay import cluster_recipes
+
+    dirs = {r["train"]["output_dir"] for r in cluster_recipes().values()}
+    assert dirs == {"s3://YOUR-BUCKET/dopsd"}
+    assert storage_problems(load(), dirs) == []
+    assert storage_problems(load(), {"/mnt/cluster_storage/dopsd"})  # a path no node shares
+    cfg = load()
+    del cfg["available_node_types"]["learner_gpu"]["node_config"]["IamInstanceProfile"]
+    assert storage_problems(cfg, dirs) == ["learner_gpu: no IamInstanceProfile: its learners or rollout workers "
+                                           "cannot reach the bucket"]

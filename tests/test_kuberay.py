@@ -134,7 +134,8 @@ def mounts(pod: dict, container: dict, claim: str) -> list[str]:
 
 
 def storage_problems(docs: list[dict], output_dirs: set[str]) -> list[str]:
-    """One ReadWriteMany claim in the file, mounted by every Ray pod at or above every output_dir."""
+    """One ReadWriteMany claim in the file, mounted by every Ray pod at or above every output_dir that
+    is a path (an object-store URI needs no volume)."""
     claims = [d for d in docs if d.get("kind") == "PersistentVolumeClaim"]
     if len(claims) != 1:
         return [f"{len(claims)} PersistentVolumeClaims in the file, expected 1"]
@@ -145,7 +146,7 @@ def storage_problems(docs: list[dict], output_dirs: set[str]) -> list[str]:
         if group == "submitter":
             continue
         paths = mounts(pod, c, claim["metadata"]["name"])
-        for out in sorted(output_dirs):
+        for out in sorted(d for d in output_dirs if "://" not in d):
             if not any(out == p.rstrip("/") or out.startswith(p.rstrip("/") + "/") for p in paths):
                 problems.append(f"{group}/{c['name']}: train.output_dir {out} is not on the shared volume (mounts {paths})")
     return problems
@@ -229,12 +230,21 @@ def test_no_ray_port_is_exposed_outside_the_cluster():
     assert ports <= RAY_PORTS  # the head's ports are declared, and reached only via the ClusterIP Service
 
 
-def test_shared_storage_is_at_every_recipes_output_dir_and_resources_match_the_recipes():
+def entrypoint_output_dir(job: dict, recipes: dict) -> str:
+    """train.output_dir of the job: the entrypoint's override, else its recipe's."""
+    words = job["spec"]["entrypoint"].split()
+    given = [w.split("=", 1)[1] for w in words if w.startswith("train.output_dir=")]
+    return given[-1] if given else recipes[entrypoint_recipe(job)]["train"]["output_dir"]
+
+
+def test_shared_storage_is_at_the_jobs_output_dir_and_resources_match_the_recipes():
+    """The recipes keep their files in a bucket (s3://); the RayJob puts them on its shared volume."""
     recipes = cluster_recipes()
     assert {"zimage_turbo_full.yaml", "zimage_turbo_lora.yaml"} <= set(recipes)
-    dirs = {r["train"]["output_dir"] for r in recipes.values()}
-    assert dirs == {"/mnt/cluster_storage/dopsd"}
+    assert {r["train"]["output_dir"] for r in recipes.values()} == {"s3://YOUR-BUCKET/dopsd"}
     docs = documents()
+    dirs = {entrypoint_output_dir(rayjob(docs), recipes)}
+    assert dirs == {"/mnt/cluster_storage/dopsd"}
     assert storage_problems(docs, dirs) == []
     assert resource_problems(rayjob(docs), {n: r["runtime"] for n, r in recipes.items()}) == []
     assert entrypoint_recipe(rayjob(docs)) in recipes
@@ -275,7 +285,7 @@ def test_the_crd_alone_accepts_misspelled_fields_which_strict_validation_rejects
 def test_the_policy_checks_fail_on_a_broken_manifest():
     docs = documents()
     recipes = {n: r["runtime"] for n, r in cluster_recipes().items()}
-    dirs = {r["train"]["output_dir"] for r in cluster_recipes().values()}
+    dirs = {entrypoint_output_dir(rayjob(docs), cluster_recipes())}
 
     assert auth_problems(broken("spec.rayClusterSpec.authOptions.mode", "disabled"))
     assert auth_problems(broken("spec.rayClusterSpec.workerGroupSpecs.1.template.spec.containers.0.env", []))
@@ -291,6 +301,7 @@ def test_the_policy_checks_fail_on_a_broken_manifest():
     job = broken("spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0.volumeMounts", [])
     assert storage_problems([docs[0], job], dirs)
     assert storage_problems([docs[0], rayjob(docs)], {"/mnt/elsewhere/dopsd"})
+    assert not storage_problems(docs, {"s3://YOUR-BUCKET/dopsd"})  # a bucket needs no volume
     rwo = copy.deepcopy(docs[0])
     rwo["spec"]["accessModes"] = ["ReadWriteOnce"]
     assert storage_problems([rwo, rayjob(docs)], dirs)

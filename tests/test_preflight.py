@@ -78,3 +78,14 @@ def test_placement_refusals_fail_jobs_train_before_ray_starts(tmp_path, monkeypa
         assert not got["ray_started"], name
     assert "Traceback" not in stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, key", [("train.output_dir=s3://YOUR-BUCKET/dopsd", "train.output_dir"),
+                                           ("data.path=s3://YOUR-BUCKET/shards/", "data.path")])
+def test_the_recipes_bucket_placeholder_is_refused_in_one_line(override, key):
+    """A cluster recipe run as it ships: one line naming the field and what to put there, before Ray."""
+    with pytest.raises(ConfigError) as err:
+        preflight(load_config(TINY, [override]))
+    message = str(err.value)
+    assert message.startswith(f"{key}='s3://YOUR-BUCKET/") and "\n" not in message
+    assert f"{key}=s3://my-bucket/" in message

@@ -32,7 +32,7 @@ from ray.train import Checkpoint
 from safetensors.torch import load_file
 
 from dopsd_ray.checkpoint import (
-    check_checkpoint, checkpoint_dir_name, latest_checkpoint, load_checkpoint, upload_checkpoint,
+    CheckpointUnreadable, check_checkpoint, checkpoint_dir_name, latest_checkpoint, load_checkpoint, upload_checkpoint,
     usable_checkpoint, write_checkpoint_files,
 )
 from dopsd_ray.algorithms.steps import Experience
@@ -40,6 +40,7 @@ from dopsd_ray.recipes import load_config
 from dopsd_ray.driver import train
 from dopsd_ray.families import pipeline_class
 from dopsd_ray.learner import ExperienceQueue
+from dopsd_ray.storage import Storage
 from dopsd_ray.weights import FullWeights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,11 +329,12 @@ def test_rerun_resumes_in_the_same_run_and_nonfinite_steps_stop_it_with_a_usable
 WRITER = """
 import sys, torch
 from dopsd_ray.checkpoint import upload_checkpoint, write_checkpoint_files
+from dopsd_ray.storage import Storage
 model = torch.nn.Linear(4, 4)
 opt = torch.optim.AdamW(model.parameters())
 big = {"w": torch.randn(16 * 1024 * 1024)}  # 64 MB: the copy into storage takes a while
 local = write_checkpoint_files(sys.argv[1], 0, 1, 4, {}, opt, big, {"w": torch.zeros(1)})
-upload_checkpoint(local, sys.argv[2])
+upload_checkpoint(local, Storage(sys.argv[2]), sys.argv[3])
 print("finished")
 """
 
@@ -352,12 +354,14 @@ def test_a_killed_or_failed_checkpoint_write_never_replaces_the_last_good_one(tm
 
     assert (checkpoint.STUDENT, checkpoint.TEACHER) == (weights_module.STUDENT, weights_module.TEACHER)
     storage = tmp_path / "ray_train" / "run"
-    good = upload_checkpoint(small_checkpoint(tmp_path / "local2", 2, 0.5), storage / checkpoint_dir_name(2))
-    assert check_checkpoint(good) is None and latest_checkpoint(storage) == good
+    experiment = Storage(storage)
+    good = upload_checkpoint(small_checkpoint(tmp_path / "local2", 2, 0.5), experiment, checkpoint_dir_name(2))
+    assert check_checkpoint(good) is None and latest_checkpoint(storage).uri == good
 
     # a writer process SIGKILLed while it copies the step-4 checkpoint into storage
     target = storage / checkpoint_dir_name(4)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "local4"), str(target)],
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "local4"), str(storage),
+                               checkpoint_dir_name(4)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not any(target.glob(".student.safetensors.*partial")) and writer.poll() is None:
@@ -368,7 +372,7 @@ def test_a_killed_or_failed_checkpoint_write_never_replaces_the_last_good_one(tm
     assert writer.returncode == -signal.SIGKILL, "the writer finished before it was killed"
     assert not (target / "student.safetensors").exists() and not (target / "state.json").exists()
     assert "state.json" in check_checkpoint(target)
-    assert latest_checkpoint(storage) == good  # the last good one, not the newer broken one
+    assert latest_checkpoint(storage).uri == good  # the last good one, not the newer broken one
 
     # a write that raises partway (a teacher that is not a tensor): nothing half-written is left
     with pytest.raises(Exception):
@@ -380,19 +384,23 @@ def test_a_killed_or_failed_checkpoint_write_never_replaces_the_last_good_one(tm
     assert check_checkpoint(tmp_path / "local6") is not None
 
     # a damaged file inside an otherwise complete checkpoint (truncated on disk) is caught too
-    damaged = upload_checkpoint(small_checkpoint(tmp_path / "local8", 8, 2.0), storage / checkpoint_dir_name(8))
+    damaged = Path(upload_checkpoint(small_checkpoint(tmp_path / "local8", 8, 2.0), experiment,
+                                     checkpoint_dir_name(8)))
     data = (damaged / "teacher.safetensors").read_bytes()
     (damaged / "teacher.safetensors").write_bytes(data[: len(data) // 2])
     assert "damaged" in check_checkpoint(damaged)
-    assert latest_checkpoint(storage) == good
+    assert latest_checkpoint(storage).uri == good
 
-    # resuming: Ray's choice if complete, else the newest complete one; a broken one refuses to load
-    with pytest.warns(UserWarning, match="incomplete"):
-        assert usable_checkpoint(Checkpoint.from_directory(str(target)), storage) == good
+    # resuming: the checkpoint Ray Train registered, which must be readable (a registered one that is
+    # not fails the run, naming it: never an older one, never step 0); with none, the newest complete one
+    for registered in (target, damaged):
+        with pytest.raises(CheckpointUnreadable, match=f"cannot resume.*{registered.name}"):
+            usable_checkpoint(Checkpoint.from_directory(str(registered)), experiment)
+    assert usable_checkpoint(Checkpoint.from_directory(good), experiment).uri == good
     weights = FullWeights(torch.nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="cannot resume"):
+    with pytest.raises(CheckpointUnreadable, match="cannot resume"):
         load_checkpoint(target, weights, 0, 1)
-    state = load_checkpoint(usable_checkpoint(None, storage), weights, 0, 1)
+    state = load_checkpoint(usable_checkpoint(None, experiment), weights, 0, 1)
     assert state.step == 2 and torch.all(weights.model.weight == 0.5) and state.optimizer_tensors
 
 

@@ -130,6 +130,7 @@ def test_the_driver_prints_a_progress_line_per_step_with_an_eta(colocated):
     assert [line.split()[3] for line in lines] == losses
 
 
+@pytest.mark.slow  # a whole driver run of its own: the learner's logic is tested in process (test_learner.py)
 def test_a_run_resumed_from_a_checkpoint_continues_exactly(out, colocated):
     """A new run given the colocated run's step-2 checkpoint resumes there and trains steps 3
     and 4 with the same learning rate and the same losses as the run that never stopped: the
@@ -189,6 +190,7 @@ def test_disaggregated_on_policy_with_cached_contexts_reproduces_colocated_losse
     assert history(client, summary, "contexts/entries") == [(0, contexts["entries"])]
 
 
+@pytest.mark.slow  # a whole driver run of its own: the learner's logic is tested in process (test_learner.py)
 def test_async_never_trains_on_experiences_older_than_max_staleness(out):
     summary, client = run(out, "async", "runtime.mode=disaggregated", "runtime.num_rollout_workers=2",
                           "runtime.max_staleness=1", "runtime.teacher_targets=rollout",
@@ -198,6 +200,7 @@ def test_async_never_trains_on_experiences_older_than_max_staleness(out):
     assert history(client, summary, "count/sync_checked")[-1][1] == 4
 
 
+@pytest.mark.slow  # a whole driver run of its own: the learner's logic is tested in process (test_learner.py)
 def test_collective_weight_sync_on_policy_with_teacher_targets(out):
     # one rollout worker: with two, a worker that stops can leave the other blocked in the
     # streaming split's epoch barrier, and the driver then waits sync_timeout_s for its stats
@@ -214,6 +217,7 @@ def test_collective_weight_sync_on_policy_with_teacher_targets(out):
     assert summary["rollout_workers"][0]["version"] == 3 and summary["rollout_workers"][0]["sync_bytes"] > 0
 
 
+@pytest.mark.slow  # a whole driver run of its own: the learner's logic is tested in process (test_learner.py)
 def test_sft_baseline_on_two_learner_ranks_with_zero3(out):
     summary, client = run(out, "sft-zero3x2", "algorithm.name=sft", "runtime.num_learners=2",
                           "runtime.zero_stage=3", "train.batch_size=1")

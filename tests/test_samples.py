@@ -16,6 +16,7 @@ from dopsd_ray.grid import EMPTY, MIN_CELL, PAD
 from dopsd_ray.learner import Learner, LearnerInputs
 from dopsd_ray.learner.context import LocalContext
 from dopsd_ray.preview import BASE_FILE, load_base, validation_set
+from dopsd_ray.storage import Storage
 from dopsd_ray.tracking import ListSink
 from dopsd_ray.weights import STUDENT, state_dict
 
@@ -73,7 +74,7 @@ def test_lora_base_row_is_the_step0_student_and_a_resumed_run_gets_it_back(tmp_p
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 0.05)
     learner.log_samples()
-    assert [a for _, a in learner.reporter.mlflow.artifacts] == ["samples", "samples"]
+    assert list(learner.reporter.mlflow.images) == ["samples/step_000000.png", "samples/step_000002.png"]
     grids = [grid_cells(samples / f"step_{s:06d}.png", 4, 4, 64) for s in (0, 2)]
     for rows in grids:  # teacher and training image cells in the training-pair columns only
         assert [[is_empty(c) for c in row] for row in rows[2:]] == [[True, True, False, False]] * 2
@@ -82,14 +83,14 @@ def test_lora_base_row_is_the_step0_student_and_a_resumed_run_gets_it_back(tmp_p
     assert all(grids[0][1][c].tobytes() != grids[1][1][c].tobytes() for c in range(4))  # the student moved
 
     # a resumed run reads the base row back; without the file, samples it with the adapters off
-    saved = load_base(samples / BASE_FILE, learner.validation, learner.cfg.algorithm.inference_steps)
+    saved = load_base(Storage(samples), BASE_FILE, learner.validation, learner.cfg.algorithm.inference_steps)
     assert saved.dtype == torch.uint8 and saved.shape == (4, 3, 64, 64)
     assert torch.equal(learner.resumed_base(), saved)
     (samples / BASE_FILE).unlink()
     assert torch.equal(learner.resumed_base(), saved)  # LoRA B = 0 adds exactly nothing
     assert all(p.requires_grad for p in learner.weights.trainable_parameters())  # the student is back
     other = validation_set(load_config(TINY, ["train.validation_prompts=[a cross]"]), PAIRS)
-    assert load_base(samples / BASE_FILE, other, learner.cfg.algorithm.inference_steps) is None
+    assert load_base(Storage(samples), BASE_FILE, other, learner.cfg.algorithm.inference_steps) is None
 
 
 def test_full_finetuning_exports_every_step_folder_and_resumes_without_a_base_row(tmp_path, tiny_zimage_dir, capsys):

@@ -4,7 +4,6 @@ The whole path (learners checkpoint and return, MLflow KILLED, nothing left on t
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -40,9 +39,10 @@ def test_a_relative_output_dir_under_a_ray_job_goes_home_not_into_the_working_di
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
-    assert output_dir("outputs") == tmp_path / "outputs"  # run by hand: the current directory
+    assert output_dir("outputs") == str(tmp_path / "outputs")  # run by hand: the current directory
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}")  # what Ray's job supervisor sets for the entrypoint
-    assert output_dir("outputs") == tmp_path / "home" / "dopsd-ray" / "outputs"
-    assert output_dir("runs/../outputs") == tmp_path / "home" / "dopsd-ray" / "outputs"
-    assert output_dir(str(tmp_path / "abs")) == tmp_path / "abs"  # an absolute path is kept
-    assert output_dir("~/mine") == Path(tmp_path / "home" / "mine")
+    assert output_dir("outputs") == str(tmp_path / "home" / "dopsd-ray" / "outputs")
+    assert output_dir("runs/../outputs") == str(tmp_path / "home" / "dopsd-ray" / "outputs")
+    assert output_dir(str(tmp_path / "abs")) == str(tmp_path / "abs")  # an absolute path is kept
+    assert output_dir("~/mine") == str(tmp_path / "home" / "mine")
+    assert output_dir("s3://bucket/runs/") == "s3://bucket/runs"  # an object store: as it is

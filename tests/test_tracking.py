@@ -36,7 +36,7 @@ def steps_of(client, run_id, key):
 
 def test_run_is_created_with_config_params_then_resumed(make_cfg):
     cfg = make_cfg("lora.targets=[to_q, to_k]")  # a list-valued param too
-    run_dir = cfg.run_dir.resolve()
+    run_dir = Path(cfg.run_dir).resolve()
     assert tracking_uri(cfg) == f"sqlite:///{run_dir}/mlflow.db"
 
     run = MlflowRun.start_or_resume(cfg)
@@ -65,11 +65,11 @@ def test_run_is_created_with_config_params_then_resumed(make_cfg):
 
 def test_stale_run_id_file_starts_a_new_run(make_cfg):
     cfg = make_cfg()
-    cfg.run_dir.mkdir(parents=True)
-    (cfg.run_dir / RUN_ID_FILE).write_text("0123456789abcdef0123456789abcdef\n")
+    Path(cfg.run_dir).mkdir(parents=True)
+    (Path(cfg.run_dir) / RUN_ID_FILE).write_text("0123456789abcdef0123456789abcdef\n")
     run = MlflowRun.start_or_resume(cfg)
     assert run.run_id != "0123456789abcdef0123456789abcdef"
-    assert (cfg.run_dir / RUN_ID_FILE).read_text().strip() == run.run_id
+    assert (Path(cfg.run_dir) / RUN_ID_FILE).read_text().strip() == run.run_id
 
 
 def test_tracking_uri_precedence(make_cfg, tmp_path, monkeypatch):
@@ -85,7 +85,7 @@ def test_tracking_uri_precedence(make_cfg, tmp_path, monkeypatch):
     assert MlflowClient(from_env).get_run(run.run_id).info.run_name == "unit"
     assert (tmp_path / "from_env.db").is_file()
     assert not (tmp_path / "from_cfg.db").exists()
-    assert not (cfg.run_dir / "mlflow.db").exists()
+    assert not (Path(cfg.run_dir) / "mlflow.db").exists()
 
 
 def test_attach_from_another_process_logs_to_the_same_run(make_cfg):

@@ -40,6 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..storage import Storage
+
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("captions", pa.list_(pa.string()))])
 COLUMNS = tuple(SCHEMA.names)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -300,18 +302,18 @@ def write_shards(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
 ) -> Summary:
-    """Check every source and write the usable ones to parquet shards in out_dir."""
+    """Check every source and write the usable ones to parquet shards in out_dir (a folder, or an
+    object-store URI such as s3://bucket/shards: each shard is uploaded whole as it is made)."""
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted(out_dir.glob("shard-*.parquet"))
+    store = Storage(out_dir)
+    old = [n for n in store.listdir() if n.startswith("shard-") and n.endswith(".parquet")]
     if old and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds {len(old)} shard(s); choose another folder or overwrite")
-    for path in old:
-        path.unlink()
+        raise FileExistsError(f"{store.uri} already holds {len(old)} shard(s); choose another folder or overwrite")
+    for name in old:
+        store.remove(name)
 
-    summary, rows, seen = Summary(out_dir=str(out_dir)), [], set()
+    summary, rows, seen = Summary(out_dir=store.uri), [], set()
     for source in sources:
         row, reason = load_row(source, max_pixels)
         if row is not None and row["id"] in seen:
@@ -322,21 +324,19 @@ def write_shards(
         seen.add(row["id"])
         rows.append(row)
         if len(rows) == rows_per_shard:
-            write_shard(rows, out_dir, summary)
+            write_shard(rows, store, summary)
             rows = []
     if rows:
-        write_shard(rows, out_dir, summary)
-    (out_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
+        write_shard(rows, store, summary)
+    store.write("summary.json", json.dumps(summary.as_dict(), indent=2))
     return summary
 
 
-def write_shard(rows: list[dict], out_dir: Path, summary: Summary) -> None:
-    path = out_dir / SHARD_PATTERN.format(len(summary.shards))
-    tmp = path.with_suffix(".parquet.tmp")
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    pq.write_table(table, tmp, row_group_size=64)  # small row groups: images are big rows
-    tmp.replace(path)  # a crash never leaves a half-written shard behind
-    summary.shards.append(str(path))
+def write_shard(rows: list[dict], store: Storage, summary: Summary) -> None:
+    """One shard, whole or absent (a crash never leaves a half-written shard behind)."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buffer, row_group_size=64)  # images are big rows
+    summary.shards.append(store.write(SHARD_PATTERN.format(len(summary.shards)), buffer.getvalue().to_pybytes()))
     summary.rows_written += len(rows)
 
 

@@ -54,6 +54,7 @@ from PIL import Image, ImageOps
 
 from ..config import check_caption_template
 from ..nodes import on_driver_node
+from ..storage import is_uri, local_copy
 from .batches import collate
 from .shards import (
     COLUMNS, DEFAULT_MAX_PIXELS, EXAMPLES_PER_REASON, IMAGE_EXTENSIONS, DropCounter, Source, clean_captions,
@@ -306,6 +307,27 @@ def in_memory_dataset(where: str, sources: list[Source], counter, max_pixels: in
     return ray.data.from_items(rows, override_num_blocks=min(len(rows), 8))
 
 
+def small_set_copy(uri: str) -> str:
+    """`uri` as it is, unless it is a small set on an object store, read into memory like a local
+    one (a folder of images + .txt, a .jsonl / .csv / parquet table): then a copy on this node (a
+    table's whole folder, where its relative image paths point)."""
+    if not is_uri(uri):
+        return uri
+    files = list_files(uri)
+    if any(f.lower().endswith(PARQUET_EXTENSIONS + TAR_EXTENSIONS) for f in files) and not (
+            files == [uri] and uri.lower().endswith(PARQUET_EXTENSIONS) and not is_shard(uri)):
+        return uri  # shards: streamed from the store
+    if files == [uri]:  # one file: a table whose images sit beside it
+        folder, name = uri.rstrip("/").rsplit("/", 1)
+        return str(Path(local_copy(folder)) / name)
+    return local_copy(uri) if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files) else uri
+
+
+def is_shard(uri: str) -> bool:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return set(pq.read_schema(path, filesystem=fs).names) == set(COLUMNS)
+
+
 def read_shards(uri: str | list[str], spec=None) -> tuple[ray.data.Dataset, StreamStats]:
     """A lazy Ray Dataset of decoded rows (see the module docstring) and its drop counts.
 
@@ -322,6 +344,7 @@ def read_shards(uri: str | list[str], spec=None) -> tuple[ray.data.Dataset, Stre
     # 1. find the files; fail now, before any Ray work, on missing paths or wrong columns
     parquet, tars, small = [], [], []  # small: (path, its list_sources), read into memory
     for u in uris:
+        u = small_set_copy(u)  # a small set on an object store: read from a copy on this node
         if "://" not in u and is_caption_file(Path(u)):  # a .jsonl, .csv or parquet table
             small.append((u, list_sources(u, spec.image_column, spec.caption_column)))
             continue

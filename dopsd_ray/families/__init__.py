@@ -20,8 +20,11 @@ it), and a family's module (torch, diffusers) is imported only when that family 
 """
 
 import importlib
+import tempfile
 from pathlib import Path
 from types import ModuleType
+
+from ..storage import Storage
 
 FAMILIES = {"zimage": ".zimage", "flux2_klein": ".flux2_klein", "toy": ".toy"}  # name -> module
 
@@ -83,6 +86,9 @@ def load_family(model, path: str | Path | None = None, device: str = "cpu", tran
     return family_module(model.family).from_config(model, str(path or model.path), device, transformer_device)
 
 
+TINY_MODEL = "tiny_model"  # the run's folder of a model.tiny base
+
+
 def build_tiny(model, path: str | Path, seed: int = 0) -> Path:
     """Build (once) a tiny random pipeline of the configured family under `path`."""
     path = Path(path)
@@ -93,10 +99,18 @@ def build_tiny(model, path: str | Path, seed: int = 0) -> Path:
 
 def base_model_path(cfg) -> str:
     """The base model a Config trains: model.path, or (model.tiny) the tiny pipeline built once
-    under the run directory, as an absolute path (workers may run elsewhere)."""
-    if cfg.model.tiny:
-        return str(build_tiny(cfg.model, Path(cfg.run_dir).resolve() / "tiny_model", cfg.train.seed))
-    return cfg.model.path
+    in the run's storage, run_dir/tiny_model (workers may run elsewhere: an absolute path, or
+    on an object store a URI they copy from)."""
+    if not cfg.model.tiny:
+        return cfg.model.path
+    run = Storage(cfg.run_dir)
+    if run.local:
+        return str(build_tiny(cfg.model, run.local_path(TINY_MODEL), cfg.train.seed))
+    if not run.is_file(f"{TINY_MODEL}/model_index.json"):
+        with tempfile.TemporaryDirectory(prefix="dopsd-tiny-") as tmp:
+            run.put_dir(build_tiny(cfg.model, Path(tmp, TINY_MODEL), cfg.train.seed), TINY_MODEL,
+                        last=("model_index.json",))
+    return run.name_uri(TINY_MODEL)
 
 
 def lora_targets(family_name: str) -> list[str]:

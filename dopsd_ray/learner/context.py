@@ -21,10 +21,14 @@ from .. import process
 from ..checkpoint import checkpoint_dir_name, latest_checkpoint, ray_upload_fn, save_checkpoint, upload_checkpoint
 from ..checkpoint import usable_checkpoint
 from ..ranks import LearnerRanks
+from ..storage import Storage
 
 
 class RayTrainContext:
-    def __init__(self, fallback_experiment_dir: str):
+    """`experiment`: where this run's checkpoints go (RunConfig's storage_path / name: a path
+    or an object-store URI, the same on every node)."""
+
+    def __init__(self, experiment: str):
         import ray.train
         import ray.train.torch
 
@@ -32,21 +36,18 @@ class RayTrainContext:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = process.device(ray.train.torch.get_device() if torch.cuda.is_available() else None)
         self.ranks = LearnerRanks(self.rank, self.world, self.device)
-        try:  # Ray Train's folder of this run's checkpoints (RunConfig storage_path / name)
-            self.experiment_dir = ctx.get_storage().experiment_fs_path
-        except Exception:  # a Ray version without get_storage(): the driver's layout
-            self.experiment_dir = fallback_experiment_dir
+        self.experiment = Storage(experiment)
 
     def dataset(self, name: str):
         import ray.train
 
         return ray.train.get_dataset_shard(name)
 
-    def resume_dir(self) -> Path | None:
-        """Ray Train's checkpoint if it is complete, else the newest complete one in storage."""
+    def resume_dir(self) -> Storage | None:
+        """The checkpoint Ray Train registered (it must be readable), else the newest complete one."""
         import ray.train
 
-        return usable_checkpoint(ray.train.get_checkpoint(), self.experiment_dir)
+        return usable_checkpoint(ray.train.get_checkpoint(), self.experiment)
 
     def node_id(self) -> str:
         import ray
@@ -60,7 +61,7 @@ class RayTrainContext:
 
         with save_checkpoint(write) as ckpt:
             ray.train.report({"step": step}, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step),
-                             checkpoint_upload_fn=ray_upload_fn(self.experiment_dir))
+                             checkpoint_upload_fn=ray_upload_fn(self.experiment))
 
 
 def one_rank_group(device: torch.device) -> None:
@@ -81,14 +82,15 @@ def one_rank_group(device: torch.device) -> None:
 
 class LocalContext:
     """A learner rank without Ray. `datasets`: name -> iterable of decoded rows (or a Ray
-    Dataset). With world > 1 the default process group must exist already (one process per rank)."""
+    Dataset). With world > 1 the default process group must exist already (one process per rank).
+    `experiment`: where checkpoints go, a path or an object-store URI."""
 
-    def __init__(self, experiment_dir: str | Path, datasets: dict | None = None, rank: int = 0, world: int = 1,
+    def __init__(self, experiment: str | Path, datasets: dict | None = None, rank: int = 0, world: int = 1,
                  device: torch.device | None = None):
         self.rank, self.world = rank, world
         self.device = device or process.device()
         self.ranks = LearnerRanks(rank, world, self.device)
-        self.experiment_dir = str(experiment_dir)
+        self.experiment = Storage(experiment)
         self.datasets = datasets or {}
         if world == 1:
             one_rank_group(self.device)
@@ -96,19 +98,19 @@ class LocalContext:
     def dataset(self, name: str):
         return self.datasets[name]
 
-    def resume_dir(self) -> Path | None:
-        return latest_checkpoint(self.experiment_dir)
+    def resume_dir(self) -> Storage | None:
+        return latest_checkpoint(self.experiment)
 
     def node_id(self) -> str:
         return "local"
 
     def save(self, step: int, write) -> None:
-        """Every rank's files into experiment_dir/checkpoint_N; rank 0's last (state.json last of all)."""
-        destination = Path(self.experiment_dir) / checkpoint_dir_name(step)
+        """Every rank's files into experiment/checkpoint_N; rank 0's last (state.json last of all)."""
+        name = checkpoint_dir_name(step)
         with tempfile.TemporaryDirectory(prefix=f"dopsd-ckpt-{step}-") as tmp:
             write(tmp)
             if self.rank != 0:
-                upload_checkpoint(tmp, destination)
+                upload_checkpoint(tmp, self.experiment, name)
             self.ranks.all_true(True)  # a checkpoint step, not every step: the other ranks' files are in
             if self.rank == 0:
-                upload_checkpoint(tmp, destination)
+                upload_checkpoint(tmp, self.experiment, name)

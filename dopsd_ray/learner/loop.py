@@ -44,7 +44,7 @@ import torch
 
 from .. import process
 from ..algorithms.lr_schedule import lr_at
-from ..checkpoint import load_checkpoint, write_checkpoint_files
+from ..checkpoint import experiment_uri, load_checkpoint, write_checkpoint_files
 from ..contexts import ContextCache
 from ..plan import check_this_gpu
 from ..preview import BASE_FILE, ValidationSet, student_samples, teacher_samples
@@ -179,6 +179,8 @@ class Learner:
             self.base_images = self.resumed_base()
         if self.resumed_from is not None:
             self.reporter.log(self.step, {"learner/resumed_from_step": self.resumed_from})
+        else:
+            self.reporter.say(f"starting at step 0: no checkpoint in {self.ctx.experiment.uri}")
         if self.inputs.contexts is not None:
             self.reporter.log(self.step, {"memory/encoders_released_gb": self.family.released_bytes / 1e9})
 
@@ -355,7 +357,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     inputs = loop_config["inputs"]
     cfg = process.begin(inputs.config)
-    learner = Learner(inputs, RayTrainContext(str(Path(cfg.run_dir) / "ray_train" / cfg.train.run_name))).setup()
+    learner = Learner(inputs, RayTrainContext(experiment_uri(cfg))).setup()
     try:
         stopped = learner.train()
     finally:

@@ -13,6 +13,7 @@ raises what failed. Grids and exports are written at once (a resumed run reads t
 
 import math
 import queue
+import tempfile
 import threading
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from ..families import comfyui_keys, pipeline_class
 from ..preview import BASE_FILE, load_base, save_base, validation_grid
 from ..progress import progress_report
-from ..storage import write_atomic
+from ..storage import Storage
 from ..tracking import MlflowRun
 
 
@@ -67,7 +68,7 @@ class Reporter(Quiet):
 
     def __init__(self, cfg, tracking=None, progress=None, stop=None):
         self.cfg, self.progress, self.stop = cfg, progress, stop
-        self.run_dir = Path(cfg.run_dir)
+        self.run = Storage(cfg.run_dir)
         self.mlflow = MlflowRun.attach(*tracking) if isinstance(tracking, tuple) else tracking
         self._jobs: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
@@ -122,24 +123,22 @@ class Reporter(Quiet):
     # -- files -----------------------------------------------------------------------------
     def saved_base(self, val, steps: int) -> torch.Tensor | None:
         """A resumed run's base row, as saved at step 0 (None if missing or made for other columns)."""
-        return load_base(self.run_dir / "samples" / BASE_FILE, val, steps)
+        return load_base(self.run, f"samples/{BASE_FILE}", val, steps)
 
     def grid(self, step: int, val, steps: int, student, teacher, base=None) -> torch.Tensor | None:
         """The grid of this step (preview.py), with `base` as its base row; at step 0 the student
         row is the base: it is saved, and returned. Returns the base row kept from here on."""
-        samples = self.run_dir / "samples"
-        samples.mkdir(parents=True, exist_ok=True)
         if base is None and student is not None and step == 0:
-            base = save_base(samples / BASE_FILE, student, val, steps)
+            base = self.base_row(student, val, steps)
         image = validation_grid(val, student, teacher, f"student step {step}", base=base)
-        name = f"step_{step:06d}.png"
-        image.save(samples / name)
+        name = f"samples/step_{step:06d}.png"
+        self.run.write_with(name, lambda p: image.save(p, format="PNG"))
         if self.mlflow:
-            self.mlflow.log_artifact(str(samples / name), "samples")
+            self.mlflow.log_image(image, name)
         return base
 
     def base_row(self, images: torch.Tensor, val, steps: int) -> torch.Tensor:
-        return save_base(self.run_dir / "samples" / BASE_FILE, images, val, steps)
+        return save_base(self.run, f"samples/{BASE_FILE}", images, val, steps)
 
     def export(self, step: int, weights, student: dict, final: bool) -> None:
         """The student (`student`: its gathered state) in export/step_NNNNNN when the step is a
@@ -148,13 +147,14 @@ class Reporter(Quiet):
         family, every = self.cfg.model.family, self.cfg.train.export_every
         names = ([f"export/step_{step:06d}"] if every and step % every == 0 else []) + (["export"] if final else [])
         for name in names:
-            out = self.run_dir / name
-            weights.export(out, pipeline_class(family), state=student, comfyui=comfyui_keys(family))
-            if self.mlflow:
-                for f in sorted(p for p in out.iterdir() if p.is_file()):
-                    self.mlflow.log_artifact(str(f), name)
+            with tempfile.TemporaryDirectory(prefix="dopsd-export-") as tmp:
+                weights.export(Path(tmp), pipeline_class(family), state=student, comfyui=comfyui_keys(family))
+                self.run.put_dir(tmp, name)
+                if self.mlflow:
+                    for f in sorted(p for p in Path(tmp).iterdir() if p.is_file()):
+                        self.mlflow.log_artifact(str(f), name)
         if final:
-            write_atomic(self.run_dir / "config.resolved.json", self.cfg.model_dump_json(indent=2))
+            self.run.write("config.resolved.json", self.cfg.model_dump_json(indent=2))
 
 
 def step_row(result, sums: list[float], world: int, extra: dict) -> dict:

@@ -1,0 +1,95 @@
+"""An MLflow tracking server of the driver's own, for runs whose processes are on other nodes.
+
+The default store (tracking.tracking_uri: SQLite on the driver's disk) is a file that only the
+driver's node sees. When learner rank 0 or a rollout worker may run on another node (a cluster
+of more than one node, or a job on a named cluster), the driver serves that store:
+
+    with run_tracking(cfg, on_cluster=True) as uri:    # http://<driver node ip>:<port>
+        ...                                            # every process logs through `uri`
+
+`mlflow server` runs as a child process of the driver with the SQLite store on the driver's
+disk and `--serve-artifacts` into run_dir/mlartifacts (a folder, or the run's object store),
+and stops when the run ends. When run_dir is an object store, the store file is copied there
+at the end (and fetched from there when a relaunch on a fresh head finds none). A tracking
+URI that is configured (MLFLOW_TRACKING_URI, tracking.tracking_uri) is used as it is.
+"""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import Config
+from .storage import Storage
+from .tracking import STORE_FILE, artifacts_destination, configured_uri, local_store, tracking_uri
+
+START_TIMEOUT_S = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the MLflow tracking server exited ({process.returncode}): see {log}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"the MLflow tracking server did not answer within {timeout_s:.0f} s: see {log}")
+
+
+class TrackingServer:
+    """`mlflow server` for run `cfg` on this node, reachable at `uri` from every node."""
+
+    def __init__(self, cfg: Config, host_ip: str):
+        self.cfg, self.run = cfg, Storage(cfg.run_dir)
+        self.folder = local_store(cfg)
+        if not self.run.local and not (self.folder / STORE_FILE).exists() and self.run.is_file(STORE_FILE):
+            self.run.fetch_file(STORE_FILE, self.folder / STORE_FILE)  # a relaunch on a fresh head
+        port = _free_port()
+        self.uri = f"http://{host_ip}:{port}"
+        self.log = self.folder / "mlflow_server.log"
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "0.0.0.0", "--port", str(port),
+                   "--workers", "1", "--backend-store-uri", tracking_uri(cfg),
+                   "--serve-artifacts", "--artifacts-destination", artifacts_destination(cfg),
+                   "--allowed-hosts", "*"]
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_healthy(self.uri, self.process, self.log, START_TIMEOUT_S)
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if not self.run.local:  # the store's file beside the run's other files
+            self.run.put_file(self.folder / STORE_FILE, STORE_FILE)
+
+
+@contextmanager
+def run_tracking(cfg: Config, on_cluster: bool, host_ip: str = "127.0.0.1"):
+    """Yields the tracking URI every process of the run uses: the configured one, the default
+    local store, or (on_cluster and the default store) a TrackingServer's address."""
+    if configured_uri(cfg) or not on_cluster:
+        yield tracking_uri(cfg)
+        return
+    server = TrackingServer(cfg, host_ip)
+    print(f"MLflow: serving {tracking_uri(cfg)} to the cluster's nodes at {server.uri}", flush=True)
+    try:
+        yield server.uri
+    finally:
+        server.close()
