@@ -31,12 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from dopsd_ray.data.shards import DEFAULT_MAX_PIXELS, list_sources, write_shards  # noqa: E402
+from dopsd_ray.storage import Storage  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="folder of images + .txt captions, or a .jsonl, .csv or .parquet file")
-    parser.add_argument("out_dir", help="folder for shard-00000.parquet, ... and summary.json")
+    parser.add_argument("out_dir", help="folder (or s3://bucket/prefix) for shard-00000.parquet, ... and summary.json")
     parser.add_argument("--rows-per-shard", type=int, default=1000, help="rows per parquet file (default 1000)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"skip images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     if summary.rows_written == 0:
         print(f"error: nothing usable in {args.input}: every row was skipped (reasons above)", file=sys.stderr)
         return 1
-    print(f"train on it with: python jobs/train.py data.path={Path(args.out_dir).resolve()}")
+    print(f"train on it with: python jobs/train.py data.path={Storage(args.out_dir).uri}")
     return 0
 
 

@@ -115,6 +115,7 @@ def test_sample_errors_name_the_problem(tiny_zimage_dir, lora_export, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # a whole job in a subprocess (30-60 s on 2 cores)
 def test_preview_teacher_writes_a_three_row_grid(tmp_path):
     out = tmp_path / "preview.png"
     r = run_job("preview_teacher.py", "--config", ROOT / "configs" / "tiny.yaml", "--num", 2, "--out", out,
@@ -144,6 +145,7 @@ def test_preview_teacher_errors_name_the_problem(tmp_path):
     assert r.returncode == 2 and "data.path" in r.stderr and "does not exist" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow  # a whole job in a subprocess (30-60 s on 2 cores)
 def test_build_toy_base_writes_a_loadable_base(tmp_path):
     """jobs/build_toy_base.py at a few seconds per stage, with the committed evaluator (it is
     reused when the output folder has one; training one takes minutes)."""
@@ -169,6 +171,7 @@ def test_build_toy_base_writes_a_loadable_base(tmp_path):
     assert r.returncode == 2 and "--figure-samples must be at least 8" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow  # a whole job in a subprocess (30-60 s on 2 cores)
 def test_miniature_trains_and_scores_one_method(tmp_path):
     """jobs/miniature.py: D-OPSD on the committed toy base for 2 steps, one seed, through the
     real driver (its own local Ray in the subprocess), then scored by the evaluation job
