@@ -159,6 +159,17 @@ def _existing_run_id(client: MlflowClient, store: Storage) -> str | None:
     return run_id
 
 
+def _forget_artifact_repository(run_id: str) -> None:
+    """MLflow keeps one artifact repository per run id for the life of a process, bound to the
+    address of the server it first went through; a run reopened through another server (the
+    driver's own, on a new port: a relaunch in this process) must not send artifacts to the old one."""
+    from mlflow.tracking._tracking_service import utils
+
+    cache = getattr(utils, "_artifact_repos_cache", None)
+    if cache is not None:
+        cache.pop(run_id, None)
+
+
 class MlflowRun:
     """A handle on one MLflow run, usable from any process. Implements MetricSink."""
 
@@ -166,6 +177,7 @@ class MlflowRun:
         self.tracking_uri = tracking_uri
         self._run_id = run_id
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        _forget_artifact_repository(run_id)
         self._nonfinite_count: int | None = None  # read lazily from the run on first skip
 
     @property

@@ -91,11 +91,11 @@ class Running(threading.Thread):
         return self.summary
 
 
-def wait_until(ready, timeout_s: float = 300):
+def wait_until(ready, timeout_s: float = 300, poll_s: float = 0.2):
     deadline = time.monotonic() + timeout_s
     while not ready():
         assert time.monotonic() < deadline, "the run did not get there in time"
-        time.sleep(0.2)
+        time.sleep(poll_s)
 
 
 def logged_step(shared, name, at_least):

@@ -127,10 +127,11 @@ def metric_steps(out: Path, name: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in history]
 
 
-def registered_checkpoint_step(experiment_dir: Path):
-    """The step of the newest checkpoint Ray Train has registered, or None."""
+def registered_checkpoint_step(experiment_dir: Path | Storage):
+    """The step of the newest checkpoint Ray Train has registered, or None (a folder or a Storage)."""
+    store = experiment_dir if isinstance(experiment_dir, Storage) else Storage(experiment_dir)
     try:
-        snapshot = json.loads((experiment_dir / "checkpoint_manager_snapshot.json").read_text())
+        snapshot = json.loads(store.read_text("checkpoint_manager_snapshot.json"))
         return snapshot["latest_checkpoint_result"]["metrics"]["step"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -146,13 +146,13 @@ def test_a_lost_learner_node_resumes_from_the_bucket_on_a_fresh_node_exactly(clu
     from test_reliability import registered_checkpoint_step
 
     first = cluster.add_node(LEARNER)
-    out, steps = s3.uri("resume"), 6
+    out, steps = s3.uri("resume"), 20  # about 10 s of steps: the node goes well before the end
     reference = train(config(out, "reference", "train.checkpoint_every=2", "train.sample_every=1000", steps=steps))
     name = "learner-lost"
     run = Running(config(out, name, "train.checkpoint_every=2", "train.sample_every=1000", "runtime.max_failures=1",
                          steps=steps))
     experiment = Storage(f"{out}/{name}/ray_train/{name}")
-    wait_until(lambda: (registered_checkpoint_step(experiment) or 0) >= 2)
+    wait_until(lambda: (registered_checkpoint_step(experiment) or 0) >= 2, timeout_s=300, poll_s=0.05)
     cluster.remove(first)
     replacement = cluster.add_node(LEARNER)
     summary = run.result()
@@ -160,7 +160,7 @@ def test_a_lost_learner_node_resumes_from_the_bucket_on_a_fresh_node_exactly(clu
     assert summary["learner_node"] == replacement and summary["checkpoint"].startswith(out)
     client = MlflowClient(summary["mlflow_tracking_uri"])
     resumed = client.get_metric_history(summary["mlflow_run_id"], "learner/resumed_from_step")
-    assert len(resumed) == 1 and resumed[0].value in (2.0, 4.0), resumed
+    assert len(resumed) == 1 and 2 <= resumed[0].value < steps, resumed
     mine, theirs = Storage(summary["checkpoint"]), Storage(reference["checkpoint"])
     for f in ("student.safetensors", "teacher.safetensors", "optimizer_rank0.safetensors", "ema_rank0.safetensors"):
         if not theirs.is_file(f):

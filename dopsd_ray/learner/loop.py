@@ -37,7 +37,6 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +47,7 @@ from ..checkpoint import experiment_uri, load_checkpoint, write_checkpoint_files
 from ..contexts import ContextCache
 from ..plan import check_this_gpu
 from ..preview import BASE_FILE, ValidationSet, student_samples, teacher_samples
+from ..storage import join, local_copy
 from ..weights import STUDENT, TEACHER, EmaTeacher, make_weights
 from ..families import lora_targets
 from .engine import Engine, peak_memory_bytes, release_stale_gathers
@@ -133,7 +133,8 @@ class Learner:
     # -- setup ---------------------------------------------------------------------
     def setup(self) -> "Learner":
         cfg, inputs = self.cfg, self.inputs
-        check_this_gpu(cfg, self.device, inputs.model_path)  # runtime.gpu_memory_gb unset: before any weight loads
+        # runtime.gpu_memory_gb unset: before any weight loads (a model on an object store: copied here first)
+        check_this_gpu(cfg, self.device, local_copy(inputs.model_path))
         # encoders onto the GPU; the transformer stays on the CPU until DeepSpeed places it
         self.family = process.load(cfg, inputs.model_path, self.device, inputs.contexts, transformer_device="cpu")
         if self.validation is not None:  # before anything slow: a bad train.sample_size fails here
@@ -338,7 +339,7 @@ class Learner:
             return saved
         with self.weights.base() as base:
             if base is None:
-                path = Path(self.cfg.run_dir) / "samples" / BASE_FILE
+                path = join(self.cfg.run_dir, "samples", BASE_FILE)
                 self.reporter.say(f"sample grids: no base row: {path} is missing or was made for other prompts, "
                                   "seeds or size, and full fine-tuning keeps no copy of the base weights to sample "
                                   "it again")
