@@ -22,6 +22,7 @@ Trigger words are added at training time (data.caption_template), not stored her
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"skip images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that decode and check the images (default: the CPUs, at most 8)")
     parser.add_argument("--image-column", default="image",
                         help="a .csv / .parquet (or .jsonl) input's image column: paths or image bytes (default image)")
     parser.add_argument("--caption-column", default="caption",
@@ -63,8 +66,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     try:
-        summary = write_shards(tqdm(sources, desc="checking + writing", unit="img"), args.out_dir,
-                               args.rows_per_shard, args.max_pixels, args.overwrite)
+        summary = write_shards(sources, args.out_dir, args.rows_per_shard, args.max_pixels, args.overwrite,
+                               workers=args.workers, progress=lambda rows: tqdm(
+                                   rows, total=len(sources), desc="checking + writing", unit="img"))
     except FileExistsError as err:
         print(f"error: {err} (--overwrite replaces them)", file=sys.stderr)
         return 2

@@ -487,3 +487,18 @@ def test_prepare_data_script(tmp_path):
     unnamed = subprocess.run(script + [table, str(tmp_path / "o5")], capture_output=True, text=True, timeout=60)
     assert unnamed.returncode == 2 and "has no image column 'image'" in unnamed.stderr
     assert "its columns are ['file', 'text']" in unnamed.stderr
+
+
+def test_shards_checked_in_several_processes_are_the_same_bytes(tmp_path):
+    """write_shards(workers=2) decodes and checks the images in two processes and writes, in the
+    sources' order, exactly the shards one process writes."""
+    import hashlib
+
+    from dopsd_ray.data.shards import list_sources, write_shards
+
+    sources = list_sources(REPO / "data" / "bundled")
+    one = write_shards(sources, tmp_path / "one", rows_per_shard=4, workers=1)
+    two = write_shards(sources, tmp_path / "two", rows_per_shard=4, workers=2)
+    digest = lambda d: [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("shard-*.parquet"))]  # noqa: E731
+    assert one.rows_written == two.rows_written == len(sources) and len(one.shards) > 1
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")

@@ -28,10 +28,13 @@ example paths, so one bad file never stops a long conversion.
 """
 
 import csv
+import functools
 import io
 import json
+import multiprocessing
 import warnings
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -295,15 +298,34 @@ class Summary:
         return "\n".join(lines)
 
 
+def checked(sources: Iterable[Source], max_pixels: int, workers: int = 1):
+    """(source, row, reason) for every source, in order: load_row in `workers` processes when > 1
+    (decoding every image to check it is the slow part of a large set)."""
+    if workers <= 1:
+        for source in sources:
+            yield source, *load_row(source, max_pixels)
+        return
+    sources = list(sources)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds Arrow's threads
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        results = pool.map(functools.partial(load_row, max_pixels=max_pixels), sources, chunksize=8)
+        for source, (row, reason) in zip(sources, results, strict=True):
+            yield source, row, reason
+
+
 def write_shards(
     sources: Iterable[Source],
     out_dir: str | Path,
     rows_per_shard: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
+    workers: int = 1,
+    progress=None,
 ) -> Summary:
-    """Check every source and write the usable ones to parquet shards in out_dir (a folder, or an
-    object-store URI such as s3://bucket/shards: each shard is uploaded whole as it is made)."""
+    """Check every source (in `workers` processes) and write the usable ones, in the sources'
+    order, to parquet shards in out_dir (a folder, or an object-store URI such as
+    s3://bucket/shards: each shard is uploaded whole as it is made). `progress`: wraps the
+    checked rows (e.g. tqdm)."""
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     store = Storage(out_dir)
@@ -314,8 +336,8 @@ def write_shards(
         store.remove(name)
 
     summary, rows, seen = Summary(out_dir=store.uri), [], set()
-    for source in sources:
-        row, reason = load_row(source, max_pixels)
+    results = checked(sources, max_pixels, workers)
+    for source, row, reason in (progress(results) if progress else results):
         if row is not None and row["id"] in seen:
             row, reason = None, "duplicate_id"
         if row is None:
