@@ -30,6 +30,7 @@ the last good checkpoint:
 """
 
 import json
+import posixpath
 import struct
 import tempfile
 import warnings
@@ -132,13 +133,17 @@ def upload_checkpoint(source: str | Path, experiment: Storage, name: str) -> str
 
 
 def ray_upload_fn(experiment: Storage):
-    """checkpoint_upload_fn for ray.train.report: upload_checkpoint into experiment/<name>."""
+    """checkpoint_upload_fn for ray.train.report: upload_checkpoint into experiment/<name>,
+    returned as a Checkpoint on Ray Train's own filesystem object (Ray manages a checkpoint only
+    on a filesystem equal to its own, and two S3 filesystems differ once credentials rotate)."""
+    import ray.train
     from ray.train import Checkpoint
 
     def upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
         with checkpoint.as_directory() as local:
             upload_checkpoint(local, experiment, dir_name)
-        return Checkpoint(experiment.path(dir_name), filesystem=experiment.fs)
+        storage = ray.train.get_context().get_storage()
+        return Checkpoint(posixpath.join(storage.experiment_fs_path, dir_name), filesystem=storage.storage_filesystem)
     return upload
 
 
@@ -261,17 +266,20 @@ def load_checkpoint(directory: str | Path | Storage, weights, rank: int, world: 
     problem = check_checkpoint(store)
     if problem is not None:
         raise CheckpointUnreadable(f"cannot resume: {problem}")
+    meta = json.loads(store.read_text(STATE_FILE))
+    mine = meta["world"] == world  # this rank's optimizer and EMA shards fit only the same layout
+    wanted = [f"{STUDENT}.safetensors", f"{TEACHER}.safetensors"] + (
+        [f"optimizer_rank{rank}.safetensors", f"ema_rank{rank}.safetensors"] if mine else [])
     with tempfile.TemporaryDirectory(prefix="dopsd-resume-", dir=node_cache("resume")) as tmp:
-        d = store.fetch_dir("", tmp)
-        meta = json.loads((d / STATE_FILE).read_text())
-        load_state_dict(weights, load_file(str(d / f"{STUDENT}.safetensors")), STUDENT)
-        load_state_dict(weights, load_file(str(d / f"{TEACHER}.safetensors")), TEACHER)
-        shard, ema_shard = d / f"optimizer_rank{rank}.safetensors", d / f"ema_rank{rank}.safetensors"
-        optimizer = ema = None
-        if meta["world"] == world and shard.is_file():
-            optimizer = load_file(str(shard))
-            ema = load_file(str(ema_shard)) if ema_shard.is_file() else None
-        else:
+        # on an object store: this rank's files only, copied to this node (a local store: read in place)
+        local = {n: Path(store.path(n)) if store.local else store.fetch_file(n, Path(tmp, n))
+                 for n in wanted if store.is_file(n)}
+        load_state_dict(weights, load_file(str(local[f"{STUDENT}.safetensors"])), STUDENT)
+        load_state_dict(weights, load_file(str(local[f"{TEACHER}.safetensors"])), TEACHER)
+        shard, ema_shard = f"optimizer_rank{rank}.safetensors", f"ema_rank{rank}.safetensors"
+        optimizer = load_file(str(local[shard])) if shard in local else None
+        ema = load_file(str(local[ema_shard])) if optimizer is not None and ema_shard in local else None
+        if optimizer is None:
             warnings.warn(f"checkpoint was written by {meta['world']} learner ranks, now {world}: "
                           "weights resume, the optimizer state and the fp32 EMA shadow start fresh")
     return ResumeState(meta["step"], meta["counters"], store.uri, optimizer, ema)

@@ -267,7 +267,7 @@ class CachedContexts:
 
     def __init__(self, family, cache: ContextCache):
         # on an object store: copied to this node once (it does not change during a run)
-        self.root = Storage(local_copy(cache.root, version=cache.fingerprint))
+        self.root = Storage(local_copy(cache.root))
         record = read_record(self.root)
         if record is None:
             raise FileNotFoundError(f"context cache {cache.root} is not on this node: put train.output_dir on "

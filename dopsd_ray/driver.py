@@ -74,12 +74,12 @@ def weight_sync(rt: RuntimeConfig, workers: list) -> tuple:
 def train(cfg: Config) -> dict:
     cfg.train.output_dir = output_dir(cfg.train.output_dir)  # workers may run elsewhere
     preflight(cfg)  # paths, and resources when Ray would start here: fails before any Ray work
-    run = Storage(cfg.run_dir)  # a folder, a shared mount, or an object store
     if not ray.is_initialized():
         init_ray()  # a local Ray, or the cluster named by RAY_ADDRESS (ray job submit)
     check_resources(cfg)  # against the cluster itself, before any actor or trainer starts
     spread = may_run_elsewhere(cfg)  # a learner or rollout worker may run on another node
     check_storage_reach(cfg)  # the driver and every node reach train.output_dir, before any weights load
+    run = Storage(cfg.run_dir)  # a folder, a shared mount, or an object store
     model_path = base_model_path(cfg)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     run.write("config.yaml", config_yaml)

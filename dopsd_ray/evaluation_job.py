@@ -151,7 +151,9 @@ def run(cfg: Config, model_path: str, exports: dict[str, str | Path], out: str |
     """Evaluate the base and `exports` (name -> path or URI), write the results under `out` (a
     path or a URI), log them to `sink`."""
     prompts = check_inputs(cfg)
-    exports = {name: local_copy(path) for name, path in exports.items()}  # an export on an object store: here
+    models = {"base": str(model_path), **{k: str(v) for k, v in exports.items()}}  # as given (URIs too)
+    # an export on an object store: its files (not its step_N folders) copied here
+    exports = {name: local_copy(path, recursive=False) for name, path in exports.items()}
     for path in exports.values():
         problem = export_problem(path)
         if problem:
@@ -163,7 +165,7 @@ def run(cfg: Config, model_path: str, exports: dict[str, str | Path], out: str |
         metrics.append(toy_metric(cfg, model_path, prompts))
     family = process.load(cfg, model_path, device)
     result = evaluate(family, exports, prompts, settings_for(cfg, family.pixel_multiple), metrics, log)
-    result.models = {"base": model_path, **{k: str(v) for k, v in exports.items()}}
+    result.models = models
     write(result, out)
     if sink is not None:
         log_results(sink, result, step)

@@ -23,7 +23,7 @@ import ray
 
 from .config import Config, ConfigError
 from .data.shards import check_table, is_table
-from .storage import Storage
+from .storage import Storage, is_uri
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -43,6 +43,8 @@ def check_placeholders(cfg: Config) -> None:
 def check_paths(cfg: Config) -> None:
     check_placeholders(cfg)
     path = cfg.model.path
+    if path is not None and is_uri(path):  # on an object store: each node copies it (storage.local_copy)
+        path = None
     if path is not None and not Path(path).exists() and not HUB_ID.match(path):
         raise ConfigError(f"model.path={path!r}: no such directory, and not a hub id like 'Tongyi-MAI/Z-Image-Turbo'")
     if path is not None and Path(path).is_dir() and not (Path(path) / "model_index.json").is_file():
@@ -182,11 +184,12 @@ def check_storage_reach(cfg: Config, timeout_s: float = 120.0) -> None:
     nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != ray.get_runtime_context().get_node_id()
              and any(all(n["Resources"].get(k, 0) >= v for k, v in need.items() if k not in ("CPU", "GPU"))
                      for need in needs)]
-    store, token = Storage(root), uuid.uuid4().hex
+    token = uuid.uuid4().hex
     name = f".dopsd-reach-{token}"
     try:
+        store = Storage(root)
         store.write(name, token)
-    except OSError as err:
+    except OSError as err:  # no such bucket, no credentials, no permission
         raise ConfigError(f"train.output_dir={root!r}: the driver cannot write there ({err})") from None
     if not nodes:
         store.remove(name)
@@ -195,7 +198,12 @@ def check_storage_reach(cfg: Config, timeout_s: float = 120.0) -> None:
     try:
         refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(store.uri, name, token, f"{name}.{i}") for i, n in enumerate(nodes)]
-        for i, (node, problem) in enumerate(zip(nodes, ray.get(refs, timeout=timeout_s))):
+        try:
+            problems = ray.get(refs, timeout=timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as err:
+            raise ConfigError(f"train.output_dir={root!r}: a node did not answer the storage check within "
+                              f"{timeout_s:.0f} s ({type(err).__name__}); is every node up?") from None
+        for i, (node, problem) in enumerate(zip(nodes, problems, strict=True)):
             if problem is None and not store.is_file(f"{name}.{i}"):
                 problem = "writes where the driver does not see it"
             if problem:

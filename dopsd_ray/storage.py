@@ -18,10 +18,13 @@ S3-compatible servers other than AWS: AWS_ENDPOINT_URL (pyarrow reads it, as the
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import posixpath
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -30,6 +33,7 @@ PARTIAL = ".partial"  # suffix of a local file still being written; never read
 _FILESYSTEMS: dict[str, pafs.FileSystem] = {}  # scheme://bucket -> its filesystem (S3 resolves a region once)
 CHUNK = 8 << 20
 COMPLETE = ".complete"  # in a node-local copy: every file of it is in
+DOWNLOADS = 8  # files a fetch_dir downloads at once
 
 
 def is_uri(path: str | Path) -> bool:
@@ -129,18 +133,24 @@ class Storage:
         """A random-access file (reads of a header, without the rest)."""
         return self.fs.open_input_file(self.path(name))
 
-    def fetch_dir(self, name: str, destination: str | Path) -> Path:
-        """Every file under `name` in a folder on this node: the folder itself when the storage
-        is local, else a copy in `destination` (made whole before it is returned)."""
+    def files(self, name: str = "", recursive: bool = True) -> list[pafs.FileInfo]:
+        """The files under `name` (with sizes and times), in its subfolders too if `recursive`."""
+        base = self.path(name) if name else self.root
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=recursive, allow_not_found=True))
+        return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+    def fetch_dir(self, name: str, destination: str | Path, recursive: bool = True) -> Path:
+        """Every file under `name` (not in its subfolders unless `recursive`) in a folder on this
+        node: the folder itself when the storage is local, else a copy in `destination`, each
+        file whole, several downloading at once."""
         if self.local:
             return Path(self.path(name))
-        destination = Path(destination)
-        base = self.path(name)
-        files = [i for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                 if i.type == pafs.FileType.File]
-        for info in files:
-            target = destination / posixpath.relpath(info.path, base)
-            write_atomic(target, lambda tmp, p=info.path: self._download(p, tmp))  # noqa: B023
+        destination, base = Path(destination), self.path(name) if name else self.root
+
+        def fetch(info):
+            write_atomic(destination / posixpath.relpath(info.path, base), lambda tmp: self._download(info.path, tmp))
+        with ThreadPoolExecutor(DOWNLOADS) as pool:
+            list(pool.map(fetch, self.files(name, recursive)))
         return destination
 
     def fetch_file(self, name: str, destination: str | Path) -> Path:
@@ -154,14 +164,26 @@ class Storage:
                 dst.write(chunk)
 
     # -- writing -----------------------------------------------------------------------
+    def _upload(self, name: str, write) -> None:
+        """write(stream) into object `name`; an upload that fails half way is deleted (closing an
+        S3 stream completes the object, whatever happened before)."""
+        path = self.path(name)
+        stream = self.fs.open_output_stream(path)
+        try:
+            write(stream)
+        except BaseException:
+            stream.close()
+            self.fs.delete_file(path)
+            raise
+        stream.close()
+
     def write(self, name: str, data: str | bytes) -> str:
         """`data` as file `name`, whole or absent; returns where it went."""
         data = data.encode("utf-8") if isinstance(data, str) else data
         if self.local:
             write_atomic(self.path(name), data)
         else:
-            with self.fs.open_output_stream(self.path(name)) as f:
-                f.write(data)
+            self._upload(name, lambda stream: stream.write(data))
         return self.name_uri(name)
 
     def write_with(self, name: str, write) -> str:
@@ -178,10 +200,13 @@ class Storage:
         """A copy of the local file `source` as `name`, whole or absent."""
         if self.local:
             write_atomic(self.path(name), lambda tmp: shutil.copyfile(source, tmp))
-        else:
-            with open(source, "rb") as src, self.fs.open_output_stream(self.path(name)) as dst:
+            return self.name_uri(name)
+
+        def copy(stream):
+            with open(source, "rb") as src:
                 while chunk := src.read(CHUNK):
-                    dst.write(chunk)
+                    stream.write(chunk)
+        self._upload(name, copy)
         return self.name_uri(name)
 
     def put_dir(self, source: str | Path, name: str, last: tuple[str, ...] = ()) -> str:
@@ -211,20 +236,25 @@ class Storage:
             self.fs.delete_file(info.path)
 
 
-def local_copy(path: str | Path, version: str = "") -> str:
-    """A folder on an object store (a model, an export, a context cache) copied once into this
-    node's cache, where every process of the node finds it; a local path as it is. `version`
-    tells apart copies of a folder whose contents were replaced."""
+def local_copy(path: str | Path, recursive: bool = True) -> str:
+    """A folder on an object store (a model, an export, a context cache) copied into this node's
+    cache, where every process of the node finds it; a local path as it is. The copy is named
+    after the folder's listing (every file's name, size and time), so a folder whose files were
+    replaced gets a new copy; the node's processes make it once, one at a time (a file lock).
+    `recursive=False`: the files directly in it (an export folder, without its step_N folders)."""
     if not is_uri(path):
         return str(path)
-    name = str(path).split("://", 1)[1].strip("/").replace("/", "_") + (f"@{version}" if version else "")
-    folder = node_cache("copies", name)
-    if not (folder / COMPLETE).exists():
-        store = Storage(path)
-        if not store.exists():
-            raise FileNotFoundError(f"{path} does not exist")
-        store.fetch_dir("", folder)
-        write_atomic(folder / COMPLETE, "")
+    store = Storage(path)
+    files = store.files(recursive=recursive)
+    if not files:
+        raise FileNotFoundError(f"{path} does not exist, or holds no files")
+    listing = hashlib.sha256(repr([(i.path, i.size, i.mtime_ns) for i in files]).encode()).hexdigest()[:16]
+    folder = node_cache("copies", f"{store.uri.split('://', 1)[1].strip('/').replace('/', '_')}@{listing}")
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:  # one process of the node copies
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / COMPLETE).exists():
+            store.fetch_dir("", folder, recursive)
+            write_atomic(folder / COMPLETE, "")
     return str(folder)
 
 

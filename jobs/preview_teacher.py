@@ -49,18 +49,19 @@ def main(argv=None) -> int:
     from dopsd_ray.families import base_model_path, load_family, lora_targets
     from dopsd_ray.jobenv import init_ray, wants_local_ray
     from dopsd_ray.preview import pixel_gaps, student_samples, teacher_samples, validation_grid, validation_set
+    from dopsd_ray.storage import Storage, local_copy
     from dopsd_ray.weights import make_weights
 
     if cfg.runtime.torch_threads:
         torch.set_num_threads(cfg.runtime.torch_threads)
-    run_dir = Path(cfg.run_dir).resolve()
-    out = Path(args.out) if args.out else run_dir / "preview_teacher.png"
+    # --out, else the run's folder (a path, or an object store: storage.Storage)
+    out_dir, out_name = (str(Path(args.out).resolve().parent), Path(args.out).name) if args.out else (
+        cfg.run_dir, "preview_teacher.png")
 
     # 1. the model, with fresh weights: the student is the base model, the teacher equals it
-    run_dir.mkdir(parents=True, exist_ok=True)
     model_path = base_model_path(cfg)
     try:
-        family = load_family(cfg.model, model_path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        family = load_family(cfg.model, local_copy(model_path), device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (OSError, ValueError) as err:
         print(f"error: cannot load model {model_path!r} (model.path): {err}", file=sys.stderr)
         return 2
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
     steps = cfg.algorithm.inference_steps
     student = student_samples(family, weights.model, val, steps)
     teacher = teacher_samples(family, weights, val, steps)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    validation_grid(val, student, teacher, f"student = base ({steps} steps)").save(out)
+    grid = validation_grid(val, student, teacher, f"student = base ({steps} steps)")
+    out = Storage(out_dir).write_with(out_name, lambda p: grid.save(p, format="PNG"))
 
     print(f"teacher preview: {out}")
     print(f"  {len(captions)} training pairs at {images.shape[-1]}x{images.shape[-2]}, sampled at "

@@ -61,6 +61,22 @@ def test_files_are_written_read_listed_copied_and_removed_alike_on_a_folder_and_
     assert (local / "unet" / "w.safetensors").read_bytes() == b"w" * 100
     assert (local == Path(store.path("model"))) == store.local
 
+    # replaced files get a new copy (named by the listing); recursive=False leaves subfolders out
+    store.write("model/unet/w.safetensors", b"v" * 120)
+    fresh = Path(local_copy(store.name_uri("model")))
+    assert (fresh / "unet" / "w.safetensors").read_bytes() == b"v" * 120
+    top = Path(local_copy(store.name_uri("model"), recursive=False))
+    assert store.local or sorted(p.name for p in top.rglob("*") if p.is_file()) == [".complete", "model_index.json"]
+
+    # an upload that fails half way leaves no object behind (closing an S3 stream would complete it)
+    if not store.local:
+        def half(stream):
+            stream.write(b"half")
+            raise RuntimeError("the source went away")
+        with pytest.raises(RuntimeError):
+            store._upload("broken.bin", half)
+        assert not store.exists("broken.bin")
+
     store.remove("model")
     store.remove("a/config.yaml")
     store.remove("never-written")

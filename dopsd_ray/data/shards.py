@@ -30,6 +30,7 @@ example paths, so one bad file never stops a long conversion.
 import csv
 import functools
 import io
+import itertools
 import json
 import multiprocessing
 import warnings
@@ -305,12 +306,12 @@ def checked(sources: Iterable[Source], max_pixels: int, workers: int = 1):
         for source in sources:
             yield source, *load_row(source, max_pixels)
         return
-    sources = list(sources)
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds Arrow's threads
+    check, pending = functools.partial(load_row, max_pixels=max_pixels), iter(sources)
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        results = pool.map(functools.partial(load_row, max_pixels=max_pixels), sources, chunksize=8)
-        for source, (row, reason) in zip(sources, results, strict=True):
-            yield source, row, reason
+        while window := list(itertools.islice(pending, workers * 32)):  # a bounded number of rows in flight
+            for source, (row, reason) in zip(window, pool.map(check, window, chunksize=4), strict=True):
+                yield source, row, reason
 
 
 def write_shards(
@@ -356,9 +357,9 @@ def write_shards(
 
 def write_shard(rows: list[dict], store: Storage, summary: Summary) -> None:
     """One shard, whole or absent (a crash never leaves a half-written shard behind)."""
-    buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buffer, row_group_size=64)  # images are big rows
-    summary.shards.append(store.write(SHARD_PATTERN.format(len(summary.shards)), buffer.getvalue().to_pybytes()))
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    name = SHARD_PATTERN.format(len(summary.shards))
+    summary.shards.append(store.write_with(name, lambda p: pq.write_table(table, p, row_group_size=64)))  # big rows
     summary.rows_written += len(rows)
 
 
