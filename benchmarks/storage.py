@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench_model import make_transformer, write_result  # noqa: E402
 from dopsd_ray.checkpoint import STATE_FILE, write_checkpoint_files  # noqa: E402
-from dopsd_ray.config import LoraConfig  # noqa: E402
+from dopsd_ray.config import LoraSettings  # noqa: E402
 from dopsd_ray.families import comfyui_keys, lora_targets, pipeline_class  # noqa: E402
 from dopsd_ray.storage import Storage  # noqa: E402
 from dopsd_ray.weights import STUDENT, make_weights, state_dict  # noqa: E402
@@ -68,8 +68,8 @@ def transformer(size: str):
         from diffusers import ZImageTransformer2DModel
 
         path = build_tiny_zimage(Path(tempfile.mkdtemp(prefix="bench-tiny-")), seed=0)
-        return ZImageTransformer2DModel.from_pretrained(str(path / "transformer")), LoraConfig(rank=8, alpha=16)
-    return make_transformer(dim=512, layers=4), LoraConfig(rank=64, alpha=64)
+        return ZImageTransformer2DModel.from_pretrained(str(path / "transformer")), LoraSettings(rank=8, alpha=16)
+    return make_transformer(dim=512, layers=4), LoraSettings(rank=64, alpha=64)
 
 
 def files_of(size: str, folder: Path) -> tuple[Path, Path]:
@@ -108,6 +108,7 @@ def pair_rounds(local: Path, store: Storage, kind: str, rounds: int) -> dict:
               ("upload_raw", lambda: pafs.copy_files(str(local), store.path(raw), source_filesystem=local_fs,
                                                      destination_filesystem=store.fs))]
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+            (Path(b) / "x").mkdir()  # copy_files writes into an existing local folder
             down = [("download", lambda: store.fetch_dir(ours, Path(a) / "x")),
                     ("download_raw", lambda: pafs.copy_files(store.path(raw), str(Path(b) / "x"),
                                                              source_filesystem=store.fs,
