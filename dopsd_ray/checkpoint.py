@@ -174,7 +174,7 @@ def check_checkpoint(directory: str | Path | Storage) -> str | None:
         meta = json.loads(store.read_text(STATE_FILE))
         files = meta["files"] if "files" in meta else expected_files(int(meta["world"]))
         int(meta["step"])
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return f"{where}: no {STATE_FILE} (the write did not finish)"
     except (ValueError, KeyError, TypeError) as err:
         return f"{where}/{STATE_FILE} is unreadable ({err})"
@@ -192,8 +192,9 @@ def checkpoint_step(directory: str | Path | Storage) -> int:
 
 
 def checkpoint_names(experiment: Storage) -> list[str]:
-    """The checkpoint folders under experiment, complete or not."""
-    return [n for n in experiment.listdir() if n.startswith("checkpoint_")]
+    """The checkpoint folders under experiment, complete or not (not Ray Train's own
+    checkpoint_manager_snapshot.json beside them)."""
+    return [n for n in experiment.listdir(folders=True) if n.startswith("checkpoint_")]
 
 
 def latest_checkpoint(experiment: str | Path | Storage) -> Storage | None:

@@ -16,6 +16,7 @@ earlier still, in config.load_config.)
 
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -198,12 +199,15 @@ def check_storage_reach(cfg: Config, timeout_s: float = 120.0) -> None:
     try:
         refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(store.uri, name, token, f"{name}.{i}") for i, n in enumerate(nodes)]
-        try:
-            problems = ray.get(refs, timeout=timeout_s)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as err:
-            raise ConfigError(f"train.output_dir={root!r}: a node did not answer the storage check within "
-                              f"{timeout_s:.0f} s ({type(err).__name__}); is every node up?") from None
-        for i, (node, problem) in enumerate(zip(nodes, problems, strict=True)):
+        deadline = time.monotonic() + timeout_s
+        for i, (node, ref) in enumerate(zip(nodes, refs, strict=True)):
+            try:
+                problem = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+            except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError):
+                continue  # the node went away (a removed node is listed alive for a few seconds)
+            except ray.exceptions.GetTimeoutError:
+                raise ConfigError(f"train.output_dir={root!r}: {node_label(node)} did not answer the storage check "
+                                  f"within {timeout_s:.0f} s; is it up?") from None
             if problem is None and not store.is_file(f"{name}.{i}"):
                 problem = "writes where the driver does not see it"
             if problem:

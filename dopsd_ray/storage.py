@@ -117,10 +117,12 @@ class Storage:
     def size(self, name: str) -> int:
         return self.info(name).size
 
-    def listdir(self, name: str = "") -> list[str]:
-        """The names directly under `name` (files and folders), sorted; [] if there is none."""
+    def listdir(self, name: str = "", folders: bool = False) -> list[str]:
+        """The names directly under `name` (files and folders; only folders if `folders`), sorted;
+        [] if there is none."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(name) if name else self.root, allow_not_found=True))
-        return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+        return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos
+                      if not folders or i.type == pafs.FileType.Directory)
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(name)) as f:

@@ -318,7 +318,7 @@ def test_rerun_resumes_in_the_same_run_and_nonfinite_steps_stop_it_with_a_usable
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["dopsd.stopped"]
 
     experiment_dir = out / RUN / "ray_train" / RUN
-    last = latest_checkpoint(experiment_dir)
+    last = Path(latest_checkpoint(experiment_dir).uri)
     assert last.name == checkpoint_dir_name(STEPS) and str(last) in message
     assert not (experiment_dir / checkpoint_dir_name(STEPS + 2)).exists()  # due, but inside the streak
     assert check_checkpoint(last) is None
