@@ -36,7 +36,6 @@ import hashlib
 import itertools
 import importlib.metadata
 import json
-import struct
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -47,6 +46,7 @@ from safetensors.torch import load, save
 from .data.batches import collate
 from .families import family_module
 from .storage import Storage, local_copy
+from .tensors import safetensors_metadata
 from . import process
 from .families import vlm as vlm_module
 
@@ -206,8 +206,7 @@ def write_entry(root: Storage, name: str, tensors: dict[str, torch.Tensor], meta
 
 def read_entry(root: Storage, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     data = root.read_bytes(name)
-    (length,) = struct.unpack("<Q", data[:8])
-    return load(data), json.loads(data[8:8 + length]).get("__metadata__") or {}
+    return load(data), safetensors_metadata(data)
 
 
 # -- the fill (once, before training) ------------------------------------------------------

@@ -24,7 +24,6 @@ partitioned weights); only the rank that shows the grid decodes (decode=False el
 """
 
 import json
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ from safetensors.torch import load, save
 from .algorithms.sampling import euler_sample
 from .algorithms.steps import velocity_fn
 from .grid import sample_grid, to_uint8
+from .tensors import safetensors_metadata
 
 BASE_FILE = "base.safetensors"  # in <run dir>/samples: the base row, kept for resumed runs
 
@@ -152,8 +152,7 @@ def load_base(store, name: str, val: ValidationSet, num_steps: int) -> torch.Ten
     if not store.is_file(name):
         return None
     data = store.read_bytes(name)
-    (length,) = struct.unpack("<Q", data[:8])
-    if json.loads(data[8:8 + length]).get("__metadata__") != val.made_for(num_steps):
+    if safetensors_metadata(data) != val.made_for(num_steps):
         return None
     return load(data)["images"]
 

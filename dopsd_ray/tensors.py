@@ -8,6 +8,8 @@ an Experience or a context can never be left behind on the GPU.
 """
 
 import dataclasses
+import json
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,3 +44,9 @@ def to_device(obj: Any, device: str | torch.device, non_blocking: bool = False) 
     pin = non_blocking and device.type == "cuda"
     return map_tensors(obj, lambda t: (t.pin_memory() if pin and t.device.type == "cpu" else t)
                        .to(device, non_blocking=non_blocking))
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file held in memory (read from a Storage); {} if none."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}
