@@ -207,6 +207,11 @@ class RuntimeConfig(Section):
         of the learners' source reads the mode through this."""
         return self.num_rollout_workers if self.mode == "disaggregated" else 0
 
+    @property
+    def process_resources(self) -> list[dict[str, float]]:
+        """What one learner rank, and (when there are any) one rollout worker, is placed on."""
+        return [self.learner_resources] + ([self.rollout_resources] if self.rollout_workers else [])
+
     @model_validator(mode="after")
     def _check(self):
         if self.mode == "disaggregated" and self.num_rollout_workers < 1:

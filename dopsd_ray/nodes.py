@@ -49,9 +49,7 @@ def may_run_elsewhere(cfg) -> bool:
     if any(n["NodeID"] != here for n in alive):
         return True
     mine = next((n["Resources"] for n in alive if n["NodeID"] == here), {})
-    rt = cfg.runtime
-    needs = [rt.learner_resources] + ([rt.rollout_resources] if rt.rollout_workers else [])
-    return not all(all(mine.get(k, 0) >= v for k, v in need.items()) for need in needs)
+    return not all(all(mine.get(k, 0) >= v for k, v in need.items()) for need in cfg.runtime.process_resources)
 
 
 def missing_resources(resources: dict[str, float]) -> dict[str, float]:

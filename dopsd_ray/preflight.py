@@ -181,7 +181,7 @@ def check_storage_reach(cfg: Config, timeout_s: float = 120.0) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     root, rt = cfg.train.output_dir, cfg.runtime
-    needs = [rt.learner_resources] + ([rt.rollout_resources] if rt.rollout_workers else [])
+    needs = rt.process_resources
     nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != ray.get_runtime_context().get_node_id()
              and any(all(n["Resources"].get(k, 0) >= v for k, v in need.items() if k not in ("CPU", "GPU"))
                      for need in needs)]
